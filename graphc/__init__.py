@@ -1,0 +1,34 @@
+"""graphc: a compiler-style graph library for neural networks.
+
+Public API: ``Graph``, ``interpret``, ``import_onnx``, ``export_onnx``, ``GraphcError``, ``ops``
+(the builder), ``verify``, ``TensorType``.
+"""
+
+from __future__ import annotations
+
+from . import ops
+from .errors import GraphcError
+from .interp import interpret
+from .ir import Graph, Node, Value
+from .types import TensorType
+from .verify import verify
+
+__version__ = "0.1.0"
+
+
+def import_onnx(model, input_shapes=None) -> Graph:
+    """Import an ONNX model (a path or a ``ModelProto``) as a verified graphc ``Graph``."""
+    from .onnx_import import import_onnx as _import
+
+    return _import(model, input_shapes=input_shapes)
+
+
+def export_onnx(graph: Graph, path=None, opset: int | None = None):
+    """Write ``graph`` as an ONNX model to ``path`` (if given); returns the ``ModelProto``."""
+    from .onnx_export import export_onnx as _export
+
+    return _export(graph, path, opset=opset)
+
+
+__all__ = ["Graph", "GraphcError", "Node", "TensorType", "Value", "export_onnx", "import_onnx",
+           "interpret", "ops", "verify"]
