@@ -75,7 +75,8 @@ def format_node(node) -> str:
     label = f" @{format_name(node.name)[1:]}" if node.name != node.outputs[0] else ""
     attrs = ""
     if node.attrs:
-        attrs = " {" + ", ".join(f"{k}={format_attr(v)}" for k, v in sorted(node.attrs.items())) + "}"
+        items = sorted(node.attrs.items())
+        attrs = " {" + ", ".join(f"{k}={format_attr(v)}" for k, v in items) + "}"
     types = ", ".join(str(t) if t is not None else "_" for t in node.types)
     return f"{outs} = {node.op}({ins}){label}{attrs} : {types}"
 
@@ -93,7 +94,7 @@ def print_graph(graph) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- parsing ----------------------------------------------------------------------------------------
+# -- parsing --------------------------------------------------------------------------------------
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
   | (?P<string>"(?:[^"\\]|\\.)*")

@@ -44,7 +44,8 @@ def dtype_name(dtype) -> str:
     try:
         return _SHORT[np.dtype(dtype)]
     except (KeyError, TypeError) as exc:
-        raise GraphcError(f"unsupported dtype {dtype!r}; graphc supports {sorted(_DTYPES)}") from exc
+        raise GraphcError(f"unsupported dtype {dtype!r}; graphc supports "
+                          f"{sorted(_DTYPES)}") from exc
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -99,11 +100,12 @@ class TensorType:
         if not match or match.group(1) not in _DTYPES:
             raise ParseError(f"bad tensor type {text!r}; expected e.g. f32[N,3,32,32]")
         dims = [d.strip() for d in match.group(2).split(",") if d.strip()]
-        return TensorType(tuple(int(d) if _INT_RE.fullmatch(d) else d for d in dims), match.group(1))
+        shape = tuple(int(d) if _INT_RE.fullmatch(d) else d for d in dims)
+        return TensorType(shape, match.group(1))
 
     def matches(self, array: np.ndarray, bindings: dict | None = None) -> bool:
         """True if ``array`` has this dtype and shape; binds symbolic dims in ``bindings``."""
-        if dtype_name(array.dtype) != self.dtype if array.dtype in _SHORT else True:
+        if _SHORT.get(array.dtype) != self.dtype:
             return False
         if array.ndim != self.rank:
             return False

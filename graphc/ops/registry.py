@@ -24,7 +24,6 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..errors import GraphcError, InvalidAttributeError, ShapeError, UnsupportedOpError
-from ..types import TensorType
 
 REQUIRED = object()
 
@@ -198,7 +197,8 @@ class OpDef:
                 f" and {most} ({', '.join(self.inputs)})")
         for i, (slot, value) in enumerate(zip(self.inputs, inputs)):
             if value is None and not (slot.endswith("?")):
-                raise ShapeError(f"{self.name} node '{node}': required input {i} ({slot}) is missing")
+                raise ShapeError(
+                    f"{self.name} node '{node}': required input {i} ({slot}) is missing")
 
     # -- attributes ---------------------------------------------------------------------------
     def normalize_attrs(self, node: str, attrs: dict) -> dict:
@@ -222,7 +222,8 @@ class OpDef:
                     f" {list(spec.choices)}")
             problem = spec.check(value) if spec.check else None
             if problem:
-                raise InvalidAttributeError(f"{self.name} node '{node}': attribute '{key}': {problem}")
+                raise InvalidAttributeError(
+                    f"{self.name} node '{node}': attribute '{key}': {problem}")
             out[key] = value
         for key, spec in self.attrs.items():
             if spec.default is REQUIRED and key not in out:

@@ -1,0 +1,1 @@
+"""Code generators: LLVM (CPU) and CUDA backends (see the backend issues)."""

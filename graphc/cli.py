@@ -1,0 +1,142 @@
+"""The ``graphc`` command line: ``inspect`` and ``run`` an ONNX model.
+
+Every user error ends as one line ``graphc: error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import FeedError, GraphcError
+
+
+def _shape_arg(text: str) -> tuple[str, tuple]:
+    name, _, dims = text.partition("=")
+    if not name or not dims:
+        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,..., got {text!r}")
+    try:
+        return name, tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"dims must be integers in {text!r}") from None
+
+
+def _input_arg(text: str) -> tuple[str, str]:
+    name, _, path = text.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE.npy, got {text!r}")
+    return name, path
+
+
+def _load(args):
+    from . import import_onnx
+
+    return import_onnx(args.model, input_shapes=dict(args.input_shape or []) or None)
+
+
+def _format_count(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def cmd_inspect(args) -> int:
+    from .flops import flops_by_node
+
+    graph = _load(args)
+    if not args.no_ir:
+        print(graph)
+    print("ops:")
+    for op, count in graph.op_histogram().items():
+        print(f"  {op:<24}{count:>6}")
+    print(f"parameters: {graph.parameter_count():,}")
+    flops = flops_by_node(graph)
+    print("FLOPs per node:")
+    for name, f in flops.items():
+        if f:
+            node = graph.node(name)
+            print(f"  {name:<40} {node.op:<20} {_format_count(f):>10}")
+    print(f"total FLOPs: {sum(flops.values()):,} ({_format_count(sum(flops.values()))})")
+    return 0
+
+
+def _read_feeds(graph, pairs, random_seed: Optional[int]) -> dict:
+    feeds = {}
+    for name, path in pairs or []:
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise FeedError(f"cannot read input '{name}' from '{path}': {exc}") from None
+    if random_seed is not None:
+        rng = np.random.default_rng(random_seed)
+        for name in graph.inputs:
+            if name not in feeds:
+                t = graph.type_of(name)
+                if not t.is_static:
+                    raise FeedError(f"input '{name}' has symbolic shape {t}; give --input-shape "
+                                    f"{name}=... to feed random data")
+                feeds[name] = rng.standard_normal(t.shape).astype(t.np_dtype)
+    return feeds
+
+
+def cmd_run(args) -> int:
+    from . import interpret
+
+    graph = _load(args)
+    feeds = _read_feeds(graph, args.input, args.random_inputs)
+    results = interpret(graph, feeds)
+    for name, array in zip(graph.outputs, results):
+        flat = array.ravel()
+        head = np.array2string(flat[:6], precision=5, separator=", ")
+        print(f"{name}: {array.dtype}{list(array.shape)} {head}{' ...' if flat.size > 6 else ''}")
+    if args.output:
+        np.savez(args.output, **dict(zip(graph.outputs, results)))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="graphc", description="graphc: a compiler-style graph library for neural networks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_model(p):
+        p.add_argument("model", help="path of an ONNX model")
+        p.add_argument("--input-shape", action="append", type=_shape_arg, metavar="NAME=D0,D1,..",
+                       help="make an input's shape static (e.g. fix the batch size)")
+
+    inspect = sub.add_parser("inspect", help="print the IR, op histogram, parameters and FLOPs",
+                             description="Import MODEL and print its IR text, an op histogram, "
+                                         "the parameter count and FLOPs per node and in total.")
+    add_model(inspect)
+    inspect.add_argument("--no-ir", action="store_true", help="omit the IR text")
+    inspect.set_defaults(func=cmd_inspect)
+
+    run = sub.add_parser("run", help="run a model on .npy inputs with the reference interpreter",
+                         description="Import MODEL and run it with the reference interpreter.")
+    add_model(run)
+    run.add_argument("--input", action="append", type=_input_arg, metavar="NAME=FILE.npy",
+                     help="feed input NAME from a .npy file (repeat for several inputs)")
+    run.add_argument("--random-inputs", type=int, nargs="?", const=0, metavar="SEED",
+                     help="feed inputs not given by --input with seeded random normal data")
+    run.add_argument("--output", metavar="OUT.npz", help="save all outputs to an .npz file")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except GraphcError as exc:
+        print(f"graphc: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
