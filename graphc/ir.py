@@ -115,6 +115,11 @@ class Graph:
         node = self.producer(value)
         return node.attrs["value"] if node.op in CONSTANT_OPS else None
 
+    def constant_arrays(self) -> dict[str, np.ndarray]:
+        """Value name -> array of every Constant/Param (what ``Graph.parse`` needs as weights)."""
+        return {n.output: n.attrs["value"] for n in self.nx.nodes.values()
+                for n in [n["node"]] if n.op in CONSTANT_OPS}
+
     def nodes(self) -> list[Node]:
         """Nodes in a deterministic topological order (ties broken by insertion order)."""
         order = {n: d["order"] for n, d in self.nx.nodes(data=True)}
