@@ -16,11 +16,15 @@ from .verify import verify
 __version__ = "0.1.0"
 
 
-def import_onnx(model, input_shapes=None) -> Graph:
-    """Import an ONNX model (a path or a ``ModelProto``) as a verified graphc ``Graph``."""
+def import_onnx(model, input_shapes=None, input_values=None) -> Graph:
+    """Import an ONNX model (a path or a ``ModelProto``) as a verified graphc ``Graph``.
+
+    ``input_shapes`` (name -> shape) fixes symbolic input dims; ``input_values`` (name -> array)
+    binds inputs to constants (see ``graphc.onnx_import.import_onnx``).
+    """
     from .onnx_import import import_onnx as _import
 
-    return _import(model, input_shapes=input_shapes)
+    return _import(model, input_shapes=input_shapes, input_values=input_values)
 
 
 def export_onnx(graph: Graph, path=None, opset: int | None = None):

@@ -33,14 +33,18 @@ FOLD_LIMIT = 4096  # fold float results up to this many elements (integer result
 
 
 def import_onnx(model: Union[str, os.PathLike, onnx.ModelProto],
-                input_shapes: Optional[dict] = None) -> Graph:
-    """Import ``model``; ``input_shapes`` (name -> shape) overrides declared input shapes, e.g.
-    to make a symbolic batch static so that shape subgraphs fold."""
+                input_shapes: Optional[dict] = None, input_values: Optional[dict] = None) -> Graph:
+    """Import ``model`` as a verified graph.
+
+    ``input_shapes`` (name -> shape) overrides declared input shapes, e.g. to make a symbolic
+    batch static so that shape subgraphs fold. ``input_values`` (name -> array) binds inputs to
+    constants, specialising the model (e.g. a Reshape whose target shape is a graph input).
+    """
     proto, source = load_model(model)
     opset = _default_opset(proto, source)
     if opset < MIN_OPSET:
         proto, opset = _upgrade(proto, source, opset)
-    return _GraphImporter(proto, opset, source, input_shapes or {}).run()
+    return _GraphImporter(proto, opset, source, input_shapes or {}, input_values or {}).run()
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -165,9 +169,11 @@ def _tensor_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
 
 
 class _GraphImporter:
-    def __init__(self, proto: onnx.ModelProto, opset: int, source: str, input_shapes: dict):
+    def __init__(self, proto: onnx.ModelProto, opset: int, source: str, input_shapes: dict,
+                 input_values: dict):
         self.proto, self.opset, self.source = proto, opset, source
         self.input_shapes = dict(input_shapes)
+        self.input_values = dict(input_values)
         self.graph = Graph(proto.graph.name or "main")
         self.names: dict[str, str] = {}  # ONNX value name -> graphc value name
 
@@ -178,13 +184,11 @@ class _GraphImporter:
                 _tensor_array(tensor, self.source), self.graph.fresh_name(tensor.name)))
         for vi in g.input:
             if vi.name not in self.names:
-                override = self.input_shapes.pop(vi.name, None)
-                self._bind(vi.name, self.graph.add_input(
-                    self.graph.fresh_name(vi.name), onnx_type(vi, self.source, override)))
-        if self.input_shapes:
-            raise ShapeError(f"{self.source}: input_shapes names unknown input "
-                             f"'{sorted(self.input_shapes)[0]}' (inputs: "
-                             f"{[vi.name for vi in g.input if vi.name in self.names]})")
+                self._import_input(vi)
+        for what, left in (("input_shapes", self.input_shapes), ("input_values", self.input_values)):
+            if left:
+                raise ShapeError(f"{self.source}: {what} names unknown input '{sorted(left)[0]}' "
+                                 f"(inputs: {[vi.name for vi in g.input]})")
         for node in _sorted_nodes(g, self.source):
             self._import_node(node)
         outputs = []
@@ -193,7 +197,26 @@ class _GraphImporter:
                 raise ShapeError(f"{self.source}: graph output '{vi.name}' is produced by no node")
             outputs.append(self._output_value(vi))
         self.graph.set_outputs(outputs)
+        self._drop_unused_constants()
         return verify(self.graph)
+
+    def _import_input(self, vi) -> None:
+        ttype = onnx_type(vi, self.source, self.input_shapes.pop(vi.name, None))
+        if vi.name in self.input_values:
+            array = np.asarray(self.input_values.pop(vi.name))
+            if not ttype.matches(array):
+                raise ShapeError(f"{self.source}: input_values['{vi.name}'] is "
+                                 f"{TensorType.of(array)}, the input is declared {ttype}")
+            self._bind(vi.name, self.graph.add_constant(array, self.graph.fresh_name(vi.name)))
+        else:
+            self._bind(vi.name, self.graph.add_input(self.graph.fresh_name(vi.name), ttype))
+
+    def _drop_unused_constants(self) -> None:
+        """Folding leaves the constants it consumed behind; unused weights are dropped too."""
+        g = self.graph
+        for node in g.nodes():
+            if node.op in CONSTANT_OPS and not g.uses(node.output):
+                g.remove_node(node.name)
 
     def _bind(self, onnx_name: str, value: str) -> None:
         self.names[onnx_name] = value

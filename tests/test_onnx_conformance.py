@@ -9,7 +9,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 import graphc
 from graphc.ops import registry
@@ -37,10 +39,15 @@ def _supported(case) -> bool:
                for domain, op in _ops_of(case))
 
 
+def _arrays(values) -> list:
+    """Case data as numpy arrays (some cases store TensorProtos)."""
+    return [numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else v for v in values]
+
+
 def _dtype_problem(case) -> str | None:
     """A reason when the case's data uses a dtype graphc does not have at all."""
     for inputs, outputs in case.data_sets:
-        for array in list(inputs) + list(outputs):
+        for array in _arrays(inputs) + _arrays(outputs):
             if not isinstance(array, np.ndarray):
                 return f"non-tensor value {type(array).__name__} (sequence/optional)"
             try:
@@ -69,9 +76,15 @@ def test_node_case(case):
         CONFORMANCE[case.name] = f"excluded: {reason}"
         pytest.skip(reason)
     CONFORMANCE[case.name] = "failed"
-    graph = graphc.import_onnx(case.model)
     for inputs, outputs in case.data_sets:
-        feeds = dict(zip(graph.inputs, inputs))
+        inputs, outputs = _arrays(inputs), _arrays(outputs)
+        names = [vi.name for vi in case.model.graph.input
+                 if vi.name not in {t.name for t in case.model.graph.initializer}]
+        # graphc compiles static shapes: integer inputs (target shapes, axes, pads, indices)
+        # are bound as constants, as a user would with input_values=.
+        bound = {n: a for n, a in zip(names, inputs) if a.dtype.kind in "iub"}
+        graph = graphc.import_onnx(case.model, input_values=bound)
+        feeds = {n: a for n, a in zip(names, inputs) if n not in bound}
         got = graphc.interpret(graph, feeds)
         assert len(got) == len(outputs)
         for i, (g, w) in enumerate(zip(got, outputs)):

@@ -14,7 +14,9 @@ import numpy as np
 
 from ..errors import GraphBuildError
 from . import registry
-from . import constants, conv, elementwise, linalg, normalization, pool, reduce, shape  # noqa: F401
+# Family modules are named so that no module shadows a builder function (ops.conv, ops.shape).
+from . import (constants, conv, elementwise, linalg,  # noqa: F401
+               normalization, pool, reduce, shapes)
 
 _ALIASES = {"matmul": "MatMul", "prelu": "PRelu", "lrn": "LRN"}
 
@@ -48,15 +50,21 @@ def apply(op: str, operands, name: str | None = None, **attrs):
         elif v is None:
             inputs.append(None)
         else:
-            array = np.asarray(v)
-            if array.dtype.kind == "f":
-                array = array.astype(float_dtype)
-            elif array.dtype.kind in "iu":
-                array = array.astype(np.int64)
-            inputs.append(graph.add_constant(array))
+            inputs.append(graph.add_constant(_operand_array(v, float_dtype)))
     outputs = graph.add_node(op, inputs, attrs, name=name)
     values = tuple(Value(graph, o) for o in outputs if o is not None)
     return values[0] if len(values) == 1 else values
+
+
+def _operand_array(value, float_dtype: np.dtype) -> np.ndarray:
+    """Float operands take the graph's float dtype (float64 numpy weights become float32);
+    Python ints become int64; numpy integer arrays keep their dtype."""
+    array = np.asarray(value)
+    if array.dtype.kind == "f":
+        return array.astype(float_dtype)
+    if array.dtype.kind in "iu" and not isinstance(value, np.ndarray):
+        return array.astype(np.int64)
+    return array
 
 
 def __getattr__(attr: str):

@@ -338,17 +338,17 @@ def _slice_symbolic(dim: str, start: int, end: int, step: int, call: OpCall) -> 
                      f"gives a size graphc types cannot express")
 
 
-def _slice_inputs(call: OpCall, getter) -> tuple:
-    starts, ends = getter(1, "starts"), getter(2, "ends")
-    axes = getter(3, "axes") if call.has_input(3) else None
-    steps = getter(4, "steps") if call.has_input(4) else None
+def _slice_inputs(call: OpCall) -> tuple:
+    """The constant starts, ends, axes and steps (None where absent) for the shape rule."""
+    starts, ends = _shape_input(call, 1, "starts"), _shape_input(call, 2, "ends")
+    axes = _shape_input(call, 3, "axes") if call.has_input(3) else None
+    steps = _shape_input(call, 4, "steps") if call.has_input(4) else None
     return starts, ends, axes, steps
 
 
 def _slice_infer(call: OpCall) -> list[TensorType]:
     t = call.in_types[0]
-    params = _slice_params(call, t.rank, *_slice_inputs(
-        call, lambda i, what: _shape_input(call, i, what)))
+    params = _slice_params(call, t.rank, *_slice_inputs(call))
     shape = list(t.shape)
     for axis, start, end, step in params:
         dim = shape[axis]
@@ -403,6 +403,18 @@ def _pad_widths(call: OpCall, rank: int, pads: list[int],
     return widths
 
 
+def _check_pad_source(call: OpCall, kept: int, begin: int, end: int) -> None:
+    """Non-constant modes read the (cropped) input: it must be large enough to read from."""
+    mode, grow = call["mode"], max(begin, 0, end)
+    if mode == "constant" or grow == 0:
+        return
+    if kept <= 0:
+        raise call.error(f"mode {mode} cannot pad an empty axis")
+    if mode == "reflect" and grow > kept - 1:
+        # a single reflection (as onnxruntime and PyTorch do); numpy would reflect repeatedly
+        raise call.error(f"mode reflect pads ({begin}, {end}) exceed the axis size {kept} - 1")
+
+
 def _pad_infer(call: OpCall) -> list[TensorType]:
     t = call.in_types[0]
     axes = _shape_input(call, 3, "axes") if call.has_input(3) else None
@@ -421,8 +433,7 @@ def _pad_infer(call: OpCall) -> list[TensorType]:
         size = dim + begin + end
         if size < 0:
             raise call.error(f"pads ({begin}, {end}) crop more than the dim {dim}")
-        if call["mode"] != "constant" and dim + min(begin, 0) + min(end, 0) <= 0 < size:
-            raise call.error(f"mode {call['mode']} cannot pad an empty axis")
+        _check_pad_source(call, dim + min(begin, 0) + min(end, 0), begin, end)
         shape.append(size)
     return [t.with_shape(shape)]
 
