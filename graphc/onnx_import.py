@@ -257,7 +257,8 @@ class _GraphImporter:
         outputs = [self.graph.fresh_name(o) if o else None for o in node.output]
         try:
             ctx = registry.ImportContext(self.opset, label, attrs, inputs, outputs,
-                                         constant=self._constant, emit=self._emit)
+                                         constant=self._constant, emit=self._emit,
+                                         type_of=self.graph.type_of)
             handled = opdef.onnx_import(ctx) if opdef.onnx_import else False
             if not handled:
                 while ctx.outputs and ctx.outputs[-1] is None:

@@ -98,7 +98,7 @@ def print_graph(graph) -> str:
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
   | (?P<string>"(?:[^"\\]|\\.)*")
-  | (?P<number>[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?(?![A-Za-z_]))
+  | (?P<number>[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?(?![A-Za-z0-9_.]))
   | (?P<word>[-+]?[A-Za-z_][A-Za-z0-9_./\-]*|[A-Za-z0-9_./\-]+)
   | (?P<punct>[%@#()\[\]{}<>=,:])
 """, re.VERBOSE)

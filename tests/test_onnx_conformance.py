@@ -41,7 +41,8 @@ def _supported(case) -> bool:
 
 def _arrays(values) -> list:
     """Case data as numpy arrays (some cases store TensorProtos)."""
-    return [numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else v for v in values]
+    return [numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto)
+            else np.asarray(v) if isinstance(v, np.generic) else v for v in values]
 
 
 def _dtype_problem(case) -> str | None:

@@ -347,11 +347,12 @@ def clip_ref(call: OpCall, x: np.ndarray, lo=None, hi=None) -> np.ndarray:
 def import_clip(ctx: ImportContext) -> None:
     """Clip < 11 has float attributes min/max; later opsets take them as scalar inputs.
 
-    Clip-6 is float-only; the constants are float32, the dtype of almost every such model.
+    The bounds take the dtype of the input (Clip-6 is float-only).
     """
+    dtype = ctx.type_of(ctx.inputs[0]).np_dtype
     for position, attr in ((1, "min"), (2, "max")):
         if attr in ctx.attrs:
-            ctx.attr_to_input(attr, position, dtype=np.float32)
+            ctx.attr_to_input(attr, position, dtype=dtype)
 
 
 _register("Clip", ("input", "min?", "max?"), clip_type, clip_ref, "broadcast",

@@ -138,20 +138,26 @@ def import_softmax(ctx: ImportContext, op: str) -> bool | None:
     """Before opset 13, (Log)Softmax flattened its input to 2-D at ``axis`` (default 1) and
     normalised each row, i.e. over all dims from ``axis`` on.
 
-    With ``axis=-1`` that is the newest semantics. Otherwise the node becomes
-    Flatten(axis) -> op(axis=-1) -> Reshape back to Shape(x); the importer folds the Shape of
-    a statically shaped input into a constant.
+    When ``axis`` is the last dim that is the newest semantics. Otherwise the node becomes
+    Flatten(axis) -> op(axis=-1) -> Reshape back to x's shape (one symbolic dim becomes -1).
     """
     if ctx.opset >= 13:
         return None
+    x = ctx.inputs[0]
+    in_shape = ctx.type_of(x).shape
     axis = int(ctx.attrs.pop("axis", 1))
-    if axis == -1:
-        ctx.attrs["axis"] = -1
-        return None
     if ctx.attrs:
         raise ctx.error(f"unknown attribute '{min(ctx.attrs)}' of {op}")
-    x = ctx.inputs[0]
-    shape = ctx.emit("Shape", [x], {})[0]
+    if not -len(in_shape) <= axis < max(len(in_shape), 1):
+        raise ctx.error(f"axis {axis} out of range for input of rank {len(in_shape)}")
+    if axis % max(len(in_shape), 1) == len(in_shape) - 1:
+        ctx.attrs["axis"] = -1
+        return None
+    target = [d if isinstance(d, int) else -1 for d in in_shape]
+    if target.count(-1) > 1:
+        raise ctx.error(f"{op} before opset 13 on {ctx.type_of(x)} needs static dims; "
+                        f"import with input_shapes=")
+    shape = ctx.constant(np.array(target, dtype=np.int64))
     flat = ctx.emit("Flatten", [x], {"axis": axis})[0]
     rows = ctx.emit(op, [flat], {"axis": -1})[0]
     ctx.emit("Reshape", [rows, shape], {}, outputs=ctx.outputs[:1])

@@ -134,6 +134,7 @@ class ImportContext:
     outputs: list
     constant: Callable[[np.ndarray], str]
     emit: Callable[..., list]
+    type_of: Callable[[str], Any] = None  # value name -> TensorType of an input
 
     def error(self, message: str) -> GraphcError:
         return UnsupportedOpError(f"node '{self.node}' (opset {self.opset}): {message}")
