@@ -45,7 +45,7 @@ def _format_count(n: int) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from .flops import flops_by_node
+    from .flops import flops_by_node, symbols
 
     graph = _load(args)
     if not args.no_ir:
@@ -55,12 +55,15 @@ def cmd_inspect(args) -> int:
         print(f"  {op:<24}{count:>6}")
     print(f"parameters: {graph.parameter_count():,}")
     flops = flops_by_node(graph)
-    print("FLOPs per node:")
+    print("FLOPs per node" + (f" (symbolic dims {', '.join(symbols(graph))} counted as 1)"
+                              if symbols(graph) else "") + ":")
     for name, f in flops.items():
         if f:
             node = graph.node(name)
             print(f"  {name:<40} {node.op:<20} {_format_count(f):>10}")
-    print(f"total FLOPs: {sum(flops.values()):,} ({_format_count(sum(flops.values()))})")
+    total = sum(flops.values())
+    per = f" per unit of {', '.join(symbols(graph))}" if symbols(graph) else ""
+    print(f"total FLOPs{per}: {total:,} ({_format_count(total)})")
     return 0
 
 

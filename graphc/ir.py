@@ -221,8 +221,8 @@ class Graph:
         opdef = registry.get(op, node)
         in_types = [self.type_of(v) if v is not None else None for v in inputs]
         in_values = [self.constant_value(v) for v in inputs]
-        if n_outputs is None:
-            n_outputs = len(opdef.outputs) if not opdef.variadic_outputs else 1
+        if n_outputs is None:  # optional results (MaxPool's Indices) only when asked for
+            n_outputs = max(opdef.min_outputs, 1)
         call = registry.make_call(opdef, node, attrs, in_types, in_values, n_outputs)
         return registry.infer_types(opdef, call)
 

@@ -1,6 +1,6 @@
 """Conv and ConvTranspose: references against onnxruntime and against direct loop oracles.
 
-The oracles here are written independently of ``graphc/ops/conv.py``: Conv sums one shifted
+The oracles here are written independently of ``graphc/ops/convolution.py``: Conv sums one shifted
 slice per kernel tap (no im2col), ConvTranspose scatters input pixel by input pixel, both in
 float64 with the padding worked out from the ONNX spec formulas below. ``run_op``/``ort_run``
 are shared with the pooling and normalization tests.

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import GraphBuildError
 from . import registry
 # Family modules are named so that no module shadows a builder function (ops.conv, ops.shape).
-from . import (constants, conv, elementwise, linalg,  # noqa: F401
+from . import (constants, convolution, elementwise, linalg,  # noqa: F401
                normalization, pool, reduce, shapes)
 
 _ALIASES = {"matmul": "MatMul", "prelu": "PRelu", "lrn": "LRN"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import TensorType
-from .conv import AUTO_PADS, Window, sliding_windows, window_geometry
+from .convolution import AUTO_PADS, Window, sliding_windows, window_geometry
 from .registry import OpCall, OpDef, int_, ints, register, string
 
 MAX_POOL_DTYPES = ("f16", "f32", "f64", "i8", "u8")

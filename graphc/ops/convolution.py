@@ -242,14 +242,7 @@ def _transpose_total_pads(call: OpCall, totals: Sequence[int]) -> tuple[int, ...
     return tuple(begins + ends)
 
 
-def transpose_geometry(call: OpCall, spatial: Sequence[Dim],
-                       kernel: Sequence[int]) -> TransposeGeometry:
-    n = len(spatial)
-    for size in spatial:
-        if isinstance(size, str):
-            raise call.error(f"spatial dim '{size}' of X must be static")
-    strides = spatial_attr(call, "strides", n, 1)
-    dilations = spatial_attr(call, "dilations", n, 1)
+def _output_padding(call: OpCall, n: int, strides, dilations) -> tuple[int, ...]:
     output_padding = tuple(call.attrs.get("output_padding") or (0,) * n)
     if len(output_padding) != n:
         raise call.error(f"output_padding has {len(output_padding)} values, expects {n}")
@@ -257,30 +250,59 @@ def transpose_geometry(call: OpCall, spatial: Sequence[Dim],
         if not 0 <= p < max(s, d):
             raise call.error(f"output_padding {output_padding} must be >= 0 and less than the "
                              f"stride or dilation")
-    full = [s * (size - 1) + p + d * (k - 1) + 1
-            for size, s, p, d, k in zip(spatial, strides, output_padding, dilations, kernel)]
+    return output_padding
+
+
+def _requested_output(call: OpCall, spatial: Sequence[int], strides) -> list[int] | None:
+    """The output size ``output_shape`` or ``auto_pad`` SAME asks for; None for explicit pads."""
+    n = len(spatial)
     output_shape = call.attrs.get("output_shape")
-    auto_pad = call["auto_pad"]
     if output_shape:
-        output_shape = tuple(output_shape)[-n:] if len(output_shape) == n + 2 else output_shape
+        if len(output_shape) == n + 2:  # some exporters include the batch and channel dims
+            output_shape = tuple(output_shape)[2:]
         if len(output_shape) != n:
             raise call.error(f"output_shape has {len(output_shape)} values, expects {n}")
         target = [int(o) for o in output_shape]
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+    elif call["auto_pad"] in ("SAME_UPPER", "SAME_LOWER"):
         target = [size * s for size, s in zip(spatial, strides)]
     else:
-        pads = (0,) * (2 * n) if auto_pad == "VALID" else tuple(call.attrs.get("pads")
-                                                                 or (0,) * (2 * n))
-        if len(pads) != 2 * n or min(pads) < 0:
-            raise call.error(f"pads {tuple(pads)} must be {2 * n} non-negative values")
-        out = tuple(f - pads[i] - pads[n + i] for i, f in enumerate(full))
-        if min(out) < 1:
-            raise call.error(f"pads {tuple(pads)} leave an empty output {out}")
-        return TransposeGeometry(strides, dilations, tuple(pads), out)
+        return None
     if min(target) < 1:
         raise call.error(f"output shape {tuple(target)} must be positive")
-    pads = _transpose_total_pads(call, [f - t for f, t in zip(full, target)])
-    return TransposeGeometry(strides, dilations, pads, tuple(target))
+    return target
+
+
+def _explicit_transpose_pads(call: OpCall, n: int) -> tuple[int, ...]:
+    if call["auto_pad"] == "VALID":
+        return (0,) * (2 * n)
+    pads = tuple(call.attrs.get("pads") or (0,) * (2 * n))
+    if len(pads) != 2 * n or min(pads) < 0:
+        raise call.error(f"pads {pads} must be {2 * n} non-negative values")
+    return pads
+
+
+def transpose_geometry(call: OpCall, spatial: Sequence[Dim],
+                       kernel: Sequence[int]) -> TransposeGeometry:
+    """Strides, dilations, pads and output size of ConvTranspose (ONNX spec equations)."""
+    n = len(spatial)
+    for size in spatial:
+        if isinstance(size, str):
+            raise call.error(f"spatial dim '{size}' of X must be static")
+    strides = spatial_attr(call, "strides", n, 1)
+    dilations = spatial_attr(call, "dilations", n, 1)
+    output_padding = _output_padding(call, n, strides, dilations)
+    # the full output: every position some input pixel and tap writes (plus output_padding)
+    full = [s * (size - 1) + p + d * (k - 1) + 1
+            for size, s, p, d, k in zip(spatial, strides, output_padding, dilations, kernel)]
+    target = _requested_output(call, spatial, strides)
+    if target is not None:
+        pads = _transpose_total_pads(call, [f - t for f, t in zip(full, target)])
+        return TransposeGeometry(strides, dilations, pads, tuple(target))
+    pads = _explicit_transpose_pads(call, n)
+    out = tuple(f - pads[i] - pads[n + i] for i, f in enumerate(full))
+    if min(out) < 1:
+        raise call.error(f"pads {pads} leave an empty output {out}")
+    return TransposeGeometry(strides, dilations, pads, out)
 
 
 def infer_conv_transpose(call: OpCall) -> list[TensorType]:
