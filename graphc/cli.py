@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _read_feeds(graph, pairs, random_seed: Optional[int]) -> dict:
+def _read_feeds(graph, pairs, random_seed: int | None) -> dict:
     feeds = {}
     for name, path in pairs or []:
         try:
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

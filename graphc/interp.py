@@ -7,7 +7,7 @@ Values are freed after their last use so that large models (VGG-19 at 224x224) f
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

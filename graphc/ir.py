@@ -17,8 +17,9 @@ Passes never mutate their input: they ``copy()`` first.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -108,7 +109,7 @@ class Graph:
         n = sum(1 for _, _, d in self.nx.out_edges(node_name, data=True) if d["value"] == value)
         return n + self.outputs.count(value)
 
-    def constant_value(self, value: Optional[str]) -> Optional[np.ndarray]:
+    def constant_value(self, value: str | None) -> np.ndarray | None:
         """The array of a Constant/Param value; None for run-time values."""
         if value is None or value not in self._producer:
             return None
@@ -165,16 +166,16 @@ class Graph:
         self.inputs.append(name)
         return name
 
-    def add_constant(self, value, name: Optional[str] = None, param: bool = False) -> str:
+    def add_constant(self, value, name: str | None = None, param: bool = False) -> str:
         array = np.asarray(value)
         dtype_name(array.dtype)  # rejects dtypes graphc does not support
         outputs = self.add_node("Param" if param else "Constant", (), {"value": array},
                                 outputs=(name or self.fresh_name("c"),))
         return outputs[0]
 
-    def add_node(self, op: str, inputs: Sequence[Optional[str]], attrs: Optional[dict] = None,
-                 outputs: Optional[Sequence[Optional[str]]] = None, name: Optional[str] = None,
-                 types: Optional[Sequence[TensorType]] = None) -> tuple:
+    def add_node(self, op: str, inputs: Sequence[str | None], attrs: dict | None = None,
+                 outputs: Sequence[str | None] | None = None, name: str | None = None,
+                 types: Sequence[TensorType] | None = None) -> tuple:
         """Add a node, validating its attributes and inferring its output types.
 
         ``outputs`` defaults to fresh names; ``name`` (the node's name) defaults to the first
@@ -215,8 +216,8 @@ class Graph:
         self._insert(Node(node_name, op, inputs, outputs, attrs, types))
         return outputs
 
-    def infer(self, op: str, node: str, inputs: Sequence[Optional[str]], attrs: dict,
-              n_outputs: Optional[int] = None) -> list[TensorType]:
+    def infer(self, op: str, node: str, inputs: Sequence[str | None], attrs: dict,
+              n_outputs: int | None = None) -> list[TensorType]:
         """Output types of ``op`` applied to ``inputs`` in this graph (nothing is added)."""
         opdef = registry.get(op, node)
         in_types = [self.type_of(v) if v is not None else None for v in inputs]
@@ -278,7 +279,7 @@ class Graph:
             self.replace_node(node.name, inputs=inputs)
         self.outputs = [new if v == old else v for v in self.outputs]
 
-    def copy(self, name: Optional[str] = None) -> Graph:
+    def copy(self, name: str | None = None) -> Graph:
         """A structural copy; arrays of constants are shared (treat them as immutable)."""
         other = Graph(name or self.name)
         other.nx = self.nx.copy()
@@ -300,7 +301,7 @@ class Graph:
                 f"outputs {self.outputs}>")
 
     @staticmethod
-    def parse(text: str, weights: Optional[dict] = None) -> Graph:
+    def parse(text: str, weights: dict | None = None) -> Graph:
         from .printer import parse_graph
 
         return parse_graph(text, weights)
@@ -311,10 +312,10 @@ class Graph:
         dims = tuple("N" if d is None else d for d in shape)
         return Value(self, self.add_input(name, TensorType(dims, dtype)))
 
-    def constant(self, array, name: Optional[str] = None) -> Value:
+    def constant(self, array, name: str | None = None) -> Value:
         return Value(self, self.add_constant(np.asarray(array), name))
 
-    def param(self, array, name: Optional[str] = None) -> Value:
+    def param(self, array, name: str | None = None) -> Value:
         return Value(self, self.add_constant(np.asarray(array), name, param=True))
 
     def output(self, *values: Value) -> None:

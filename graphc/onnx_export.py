@@ -9,7 +9,6 @@ is routed through an Identity node, since ONNX names each graph output by the no
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import numpy as np
 import onnx
@@ -37,8 +36,8 @@ def _attr(value):
     return value
 
 
-def export_onnx(graph: Graph, path: Optional[os.PathLike] = None,
-                opset: Optional[int] = None) -> onnx.ModelProto:
+def export_onnx(graph: Graph, path: os.PathLike | None = None,
+                opset: int | None = None) -> onnx.ModelProto:
     opset = opset or DEFAULT_OPSET
     nodes, initializers, inputs, infos = [], [], [], []
     for node in graph.nodes():

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
 
 import numpy as np
 import onnx
@@ -32,8 +31,8 @@ MAX_TESTED_OPSET = 21
 FOLD_LIMIT = 4096  # fold float results up to this many elements (integer results always fold)
 
 
-def import_onnx(model: Union[str, os.PathLike, onnx.ModelProto],
-                input_shapes: Optional[dict] = None, input_values: Optional[dict] = None) -> Graph:
+def import_onnx(model: str | os.PathLike | onnx.ModelProto,
+                input_shapes: dict | None = None, input_values: dict | None = None) -> Graph:
     """Import ``model`` as a verified graph.
 
     ``input_shapes`` (name -> shape) overrides declared input shapes, e.g. to make a symbolic
@@ -72,8 +71,11 @@ def load_model(model) -> tuple[onnx.ModelProto, str]:
 
 
 def _load_external_data(proto: onnx.ModelProto, path: str) -> None:
-    from onnx.external_data_helper import (load_external_data_for_tensor,
-                                           uses_external_data, _get_all_tensors)
+    from onnx.external_data_helper import (
+        _get_all_tensors,
+        load_external_data_for_tensor,
+        uses_external_data,
+    )
 
     base = os.path.dirname(os.path.abspath(path))
     for tensor in _get_all_tensors(proto):
@@ -108,7 +110,7 @@ def _upgrade(proto, source, opset):
 
     try:
         proto = version_converter.convert_version(proto, MIN_OPSET)
-    except Exception as exc:  # the converter raises bare RuntimeErrors of several kinds
+    except Exception as exc:  # noqa: BLE001 -- the converter raises bare errors of many kinds
         raise UnsupportedOpError(f"{source} uses opset {opset}; graphc supports opsets "
                                  f"{MIN_OPSET}-{MAX_TESTED_OPSET} and the ONNX version converter"
                                  f" could not upgrade it: {exc}") from None
@@ -187,7 +189,7 @@ class _GraphImporter:
                 self._import_input(vi)
         for what, left in (("input_shapes", self.input_shapes), ("input_values", self.input_values)):
             if left:
-                raise ShapeError(f"{self.source}: {what} names unknown input '{sorted(left)[0]}' "
+                raise ShapeError(f"{self.source}: {what} names unknown input '{min(left)}' "
                                  f"(inputs: {[vi.name for vi in g.input]})")
         for node in _sorted_nodes(g, self.source):
             self._import_node(node)
@@ -221,7 +223,7 @@ class _GraphImporter:
     def _bind(self, onnx_name: str, value: str) -> None:
         self.names[onnx_name] = value
 
-    def _value(self, onnx_name: str, where: str) -> Optional[str]:
+    def _value(self, onnx_name: str, where: str) -> str | None:
         if onnx_name == "":
             return None
         try:

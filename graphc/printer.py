@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +36,7 @@ def digest(array: np.ndarray) -> str:
                         + data.tobytes()).hexdigest()[:8]
 
 
-def format_name(name: Optional[str]) -> str:
+def format_name(name: str | None) -> str:
     if name is None:
         return "_"
     return "%" + (name if _PLAIN_NAME.fullmatch(name) else json.dumps(name))
@@ -121,7 +121,7 @@ class _Tokens:
     def error(self, message: str) -> ParseError:
         return ParseError(f"line {self.line_no}: {message}: {self.text.strip()!r}")
 
-    def peek(self, value: Optional[str] = None) -> bool:
+    def peek(self, value: str | None = None) -> bool:
         if self.i >= len(self.items):
             return False
         return value is None or self.items[self.i][1] == value
@@ -133,7 +133,7 @@ class _Tokens:
         return self.items[self.i - 1]
 
     def expect(self, value: str) -> None:
-        kind, text = self.next()
+        _, text = self.next()
         if text != value:
             raise self.error(f"expected {value!r}, found {text!r}")
 
@@ -148,7 +148,7 @@ class _Tokens:
             raise self.error(f"unexpected {self.items[self.i][1]!r}")
 
     # grammar pieces
-    def name(self) -> Optional[str]:
+    def name(self) -> str | None:
         kind, text = self.next()
         if text == "_":
             return None
@@ -165,15 +165,15 @@ class _Tokens:
             raise self.error(f"expected a name, found {text!r}")
         return text
 
-    def type_(self) -> Optional[TensorType]:
+    def type_(self) -> TensorType | None:
         if self.accept("_"):
             return None
         start = self.i
-        kind, dtype = self.next()
+        _, dtype = self.next()
         self.expect("[")
         dims = []
         while not self.accept("]"):
-            kind, text = self.next()
+            _, text = self.next()
             dims.append(text)
             self.accept(",")
         try:
@@ -223,7 +223,7 @@ class _Tokens:
             raise self.error(f"tensor data does not fit {ttype}: {exc}") from None
 
 
-def parse_graph(text: str, weights: Optional[dict] = None):
+def parse_graph(text: str, weights: dict | None = None):
     """Parse the text form back into a ``Graph``; types are re-inferred and must match."""
     from .ir import Graph
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
 from .errors import GraphcError, ParseError
 
-Dim = Union[int, str]
+Dim = int | str
 
 # Short text name <-> numpy dtype.  float32 is for compute, int64 for shape tensors; the others
 # appear in ONNX models (masks, casts) and in float64 gradient checks.

@@ -12,8 +12,14 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import graphc
-from graphc.errors import (FeedError, InvalidAttributeError, ModelFileError, ShapeError,
-                           UnsupportedOpError, VerificationError)
+from graphc.errors import (
+    FeedError,
+    InvalidAttributeError,
+    ModelFileError,
+    ShapeError,
+    UnsupportedOpError,
+    VerificationError,
+)
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=13):

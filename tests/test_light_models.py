@@ -12,7 +12,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 import graphc
 

@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import graphc
 from graphc import ops

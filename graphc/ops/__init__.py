@@ -13,10 +13,19 @@ import re
 import numpy as np
 
 from ..errors import GraphBuildError
-from . import registry
+
 # Family modules are named so that no module shadows a builder function (ops.conv, ops.shape).
-from . import (constants, convolution, elementwise, linalg,  # noqa: F401
-               normalization, pool, reduce, shapes)
+from . import (  # noqa: F401
+    constants,
+    convolution,
+    elementwise,
+    linalg,
+    normalization,
+    pool,
+    reduce,
+    registry,
+    shapes,
+)
 
 _ALIASES = {"matmul": "MatMul", "prelu": "PRelu", "lrn": "LRN"}
 

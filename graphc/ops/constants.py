@@ -25,7 +25,7 @@ def _import_constant(ctx: ImportContext) -> None:
             ctx.attrs["value"] = np.asarray(ctx.attrs.pop(key), dtype=dtype)
     unsupported = set(ctx.attrs) - {"value"}
     if unsupported:
-        raise ctx.error(f"Constant with attribute {sorted(unsupported)[0]} is not supported")
+        raise ctx.error(f"Constant with attribute {min(unsupported)} is not supported")
 
 
 register(OpDef(

@@ -18,8 +18,9 @@ An entry holds what every layer of graphc needs to know about an op:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +41,8 @@ class Attr:
 
     kind: str
     default: Any = REQUIRED
-    check: Optional[Callable[[Any], Optional[str]]] = None
-    choices: Optional[tuple] = None
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple | None = None
 
     def normalize(self, value: Any) -> Any:
         """Coerce a Python/numpy value to this attribute's canonical Python type."""
@@ -157,10 +158,10 @@ class OpDef:
     reference: Callable[..., Any]
     attrs: dict = field(default_factory=dict)
     kind: str = "opaque"
-    flops: Optional[Callable[[OpCall, list], int]] = None
-    onnx_import: Optional[Callable[[ImportContext], Optional[bool]]] = None
-    grad: Optional[Callable] = None
-    lower: Optional[Callable] = None
+    flops: Callable[[OpCall, list], int] | None = None
+    onnx_import: Callable[[ImportContext], bool | None] | None = None
+    grad: Callable | None = None
+    lower: Callable | None = None
     doc: str = ""
 
     def __post_init__(self):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -18,9 +18,7 @@ def broadcast_dims(a: Sequence[Dim], b: Sequence[Dim], call: OpCall) -> tuple[Di
         y = b[len(b) - 1 - i] if i < len(b) else 1
         if x == y or y == 1:
             out.append(x)
-        elif x == 1:
-            out.append(y)
-        elif isinstance(x, str) and isinstance(y, int):
+        elif x == 1 or isinstance(x, str) and isinstance(y, int):
             out.append(y)
         elif isinstance(y, str) and isinstance(x, int):
             out.append(x)
