@@ -139,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GraphcError as exc:
         print(f"graphc: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head/less that closed early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

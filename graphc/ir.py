@@ -122,10 +122,16 @@ class Graph:
                 for n in [n["node"]] if n.op in CONSTANT_OPS}
 
     def nodes(self) -> list[Node]:
-        """Nodes in a deterministic topological order (ties broken by insertion order)."""
-        order = {n: d["order"] for n, d in self.nx.nodes(data=True)}
+        """Nodes in a deterministic topological order: insertion order where the dependencies
+        allow, and each constant just before its first reader (so printed IR reads top-down)."""
+        key = {}
+        for name, data in self.nx.nodes(data=True):
+            key[name] = (data["order"], 1, data["order"])
+            if data["node"].op in CONSTANT_OPS:
+                readers = [self.nx.nodes[r]["order"] for r in self.nx.successors(name)]
+                key[name] = (min(readers, default=data["order"]), 0, data["order"])
         try:
-            names = nx.lexicographical_topological_sort(self.nx, key=order.__getitem__)
+            names = nx.lexicographical_topological_sort(self.nx, key=key.__getitem__)
             return [self.node(n) for n in names]
         except nx.NetworkXUnfeasible:
             cycle = nx.find_cycle(self.nx)

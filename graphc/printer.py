@@ -10,8 +10,9 @@ One line per node, in deterministic topological order, so that two dumps diff cl
     }
 
 Absent optional operands/results print as ``_``. Tensors of up to ``INLINE_LIMIT`` elements print
-inline (``tensor<i64[2]> [1, -1]``); larger ones print their type and a content digest, and the
-parser takes their data from ``weights`` (value name -> array), checking type and digest.
+inline (``tensor<i64[2]> [1, -1]``), tensors of one repeated value as ``tensor<f32[64]> splat(0.0)``;
+larger ones print their type and a content digest, and the parser takes their data from
+``weights`` (value name -> array), checking type and digest.
 """
 
 from __future__ import annotations
@@ -54,9 +55,19 @@ def _scalar(x) -> str:
 def format_tensor(array: np.ndarray) -> str:
     array = np.asarray(array)
     head = f"tensor<{TensorType.of(array)}>"
+    if array.size > 1 and _is_splat(array):
+        return f"{head} splat({_scalar(array.flat[0])})"
     if array.size > INLINE_LIMIT:
         return f"{head} #{digest(array)}"
     return f"{head} [{', '.join(_scalar(x) for x in array.ravel())}]"
+
+
+def _is_splat(array: np.ndarray) -> bool:
+    first = array.flat[0]
+    if array.dtype.kind == "f" and np.isnan(first):
+        return bool(np.isnan(array).all())
+    return bool((array == first).all()) and not (array.dtype.kind == "f" and first == 0
+                                                  and np.signbit(array).any() != np.signbit(first))
 
 
 def format_attr(value: Any) -> str:
@@ -216,8 +227,15 @@ class _Tokens:
                 raise self.error(f"weights['{owner}'] is {TensorType.of(array)} #{digest(array)},"
                                  f" the text says {ttype} #{code}")
             return array
+        splat = self.accept("splat")
+        if splat:
+            self.expect("(")
         flat = self.value(weights, owner)
+        if splat:
+            self.expect(")")
         try:
+            if splat:
+                return np.full(ttype.shape, flat, dtype=ttype.np_dtype)
             return np.array(flat, dtype=ttype.np_dtype).reshape(ttype.shape)
         except (ValueError, TypeError) as exc:
             raise self.error(f"tensor data does not fit {ttype}: {exc}") from None

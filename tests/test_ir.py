@@ -151,3 +151,22 @@ def test_random_graphs_round_trip_and_run_identically(g, seed):
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     np.testing.assert_array_equal(graphc.interpret(back, {"x": x})[0],
                                   graphc.interpret(g, {"x": x})[0])
+
+
+@pytest.mark.parametrize("array", [
+    np.zeros(40, np.float32),                                   # splat
+    np.full((2, 3), np.nan, np.float32),                        # splat of NaN
+    np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 3.4028235e38], np.float32),
+    np.array([np.iinfo(np.int64).min, -1, 0, np.iinfo(np.int64).max], np.int64),
+    np.array([True, False, True]),
+    np.array(0.1, np.float32),                                  # scalar, shortest repr
+    np.arange(6, dtype=np.float64).reshape(2, 3) / 7,
+])
+def test_inline_tensor_text_round_trips_bit_exactly(array):
+    g = graphc.Graph("t")
+    g.output(g.constant(array, name="k"))
+    back = graphc.Graph.parse(str(g))
+    got = back.constant_value("k")
+    assert got.dtype == array.dtype and got.shape == array.shape
+    assert got.tobytes() == array.tobytes() or np.isnan(array).all()
+    assert str(back) == str(g)
