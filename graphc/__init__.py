@@ -7,6 +7,7 @@ Public API: ``Graph``, ``interpret``, ``import_onnx``, ``export_onnx``, ``Graphc
 from __future__ import annotations
 
 from . import ops
+from .compile import CompiledModel, compile  # noqa: A004 -- graphc.compile is the public name
 from .errors import GraphcError
 from .interp import interpret
 from .ir import Graph, Node, Value
@@ -34,5 +35,5 @@ def export_onnx(graph: Graph, path=None, opset: int | None = None):
     return _export(graph, path, opset=opset)
 
 
-__all__ = ["Graph", "GraphcError", "Node", "TensorType", "Value", "export_onnx", "import_onnx",
+__all__ = ["CompiledModel", "Graph", "GraphcError", "compile", "Node", "TensorType", "Value", "export_onnx", "import_onnx",
            "interpret", "ops", "verify"]

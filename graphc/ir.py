@@ -306,6 +306,12 @@ class Graph:
         return (f"<graphc.Graph '{self.name}': {len(self)} nodes, inputs {self.inputs}, "
                 f"outputs {self.outputs}>")
 
+    def to_dot(self) -> str:
+        """Graphviz DOT text (``graphc.dot.render`` writes SVG/PNG when graphviz is installed)."""
+        from .dot import to_dot
+
+        return to_dot(self)
+
     @staticmethod
     def parse(text: str, weights: dict | None = None) -> Graph:
         from .printer import parse_graph

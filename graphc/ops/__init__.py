@@ -26,6 +26,8 @@ from . import (  # noqa: F401
     registry,
     shapes,
 )
+# graphc-only ops that passes introduce; fused composes registered ops, so these come last
+from . import fused, fused_elementwise, im2col, winograd  # noqa: E402,F401
 
 _ALIASES = {"matmul": "MatMul", "prelu": "PRelu", "lrn": "LRN"}
 

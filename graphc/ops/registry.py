@@ -14,6 +14,8 @@ An entry holds what every layer of graphc needs to know about an op:
 * ``onnx_import``: optional rule that rewrites an ONNX node of an older opset into this entry's
   form (e.g. attributes that later opsets moved to inputs).
 * ``grad`` (vjp rule) and ``lower`` (backend lowering) are filled in by later layers.
+* ``epilogue_bias_axis``: set on ops that carry a fused epilogue (``ops/epilogue.py``).
+* ``epilogue_bias_axis``: set on ops that carry a fused epilogue (``ops/epilogue.py``).
 """
 
 from __future__ import annotations
@@ -163,6 +165,9 @@ class OpDef:
     grad: Callable | None = None
     lower: Callable | None = None
     doc: str = ""
+    # Epilogue-capable ops (see ops/epilogue.py) end with inputs (bias?, Z?) and carry the
+    # epilogue attributes; a 1-D bias runs along this output axis. None for every other op.
+    epilogue_bias_axis: int | None = None
 
     def __post_init__(self):
         assert self.kind in FUSION_KINDS, self.kind
