@@ -1,4 +1,4 @@
-"""The ``graphc`` command line: ``inspect`` and ``run`` an ONNX model.
+"""The ``graphc`` command line: ``inspect``, ``run`` and ``compile`` an ONNX model; ``passes``.
 
 Every user error ends as one line ``graphc: error: ...`` on stderr and exit status 2.
 """
@@ -102,6 +102,49 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _conv_node_arg(text: str) -> tuple[str, str]:
+    name, _, algo = text.partition("=")
+    if not name or not algo:
+        raise argparse.ArgumentTypeError(f"expected NODE=ALGORITHM, got {text!r}")
+    return name, algo
+
+
+def cmd_compile(args) -> int:
+    from . import compile as compile_graph
+
+    graph = _load(args)
+    conv = {"*": args.conv, **dict(args.conv_node or [])} if args.conv_node else args.conv
+    out = sys.stdout
+    model = compile_graph(graph, target=args.target, conv=conv, passes=args.passes,
+                          print_after=args.print_after or (), print_after_all=args.print_after_all,
+                          dump_dir=args.dump_dir, out=out)
+    if args.emit == "ir":
+        print(model.graph, file=out)
+    elif args.emit == "dot":
+        print(model.graph.to_dot(), file=out)
+    before, after = graph.op_histogram(), model.graph.op_histogram()
+    print(f"compiled '{graph.name}' for target {args.target}: {len(graph)} -> "
+          f"{len(model.graph)} nodes; pipeline {','.join(model.pipeline)}", file=out)
+    for op in sorted(set(before) | set(after), key=lambda o: (-after.get(o, 0), o)):
+        print(f"  {op:<24}{before.get(op, 0):>6} -> {after.get(op, 0):<6}", file=out)
+    if args.dump_dir:
+        print(f"IR after each pass written to {args.dump_dir}/", file=out)
+    if args.timing:
+        print(model.timing_report(), file=out)
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from passes import DEFAULT_PIPELINES, all_passes
+
+    for name, info in all_passes().items():
+        requires = f" (requires {', '.join(info.requires)})" if info.requires else ""
+        print(f"{name:<20}{info.description}{requires}")
+    for target, pipeline in DEFAULT_PIPELINES.items():
+        print(f"default pipeline for {target}: {','.join(pipeline)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphc", description="graphc: a compiler-style graph library for neural networks")
@@ -128,6 +171,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="feed inputs not given by --input with seeded random normal data")
     run.add_argument("--output", metavar="OUT.npz", help="save all outputs to an .npz file")
     run.set_defaults(func=cmd_run)
+
+    from passes.manager import CONV_ALGORITHMS
+
+    comp = sub.add_parser("compile", help="optimise a model with the pass pipeline",
+                          description="Import MODEL, run the target's pass pipeline and report "
+                                      "what each pass did.")
+    add_model(comp)
+    comp.add_argument("--target", default="reference", help="compilation target (default: "
+                      "reference = the optimised graph on the interpreter)")
+    comp.add_argument("--conv", default="auto", choices=CONV_ALGORITHMS,
+                      help="convolution algorithm for every Conv (default: auto = cost rule)")
+    comp.add_argument("--conv-node", action="append", type=_conv_node_arg, metavar="NODE=ALGO",
+                      help="convolution algorithm for one Conv node (repeatable)")
+    comp.add_argument("--passes", metavar="P1,P2,..", help="pass pipeline instead of the default")
+    comp.add_argument("--print-after", action="append", metavar="PASS",
+                      help="print the IR after PASS (repeatable)")
+    comp.add_argument("--print-after-all", action="store_true", help="print the IR after each pass")
+    comp.add_argument("--dump-dir", metavar="DIR",
+                      help="write the IR before and after each pass as DIR/NN-<pass>.ir")
+    comp.add_argument("--timing", action="store_true", help="print the time of each pass")
+    comp.add_argument("--emit", choices=("ir", "dot"), help="print the optimised graph as IR "
+                      "text or Graphviz DOT")
+    comp.set_defaults(func=cmd_compile)
+
+    passes_cmd = sub.add_parser("passes", help="list the passes and default pipelines",
+                                description="List every registered pass with its description.")
+    passes_cmd.set_defaults(func=cmd_passes)
     return parser
 
 

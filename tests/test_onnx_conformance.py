@@ -58,6 +58,19 @@ def _dtype_problem(case) -> str | None:
     return None
 
 
+def import_case(case, inputs: list) -> tuple[graphc.Graph, dict]:
+    """Import a case's model and split its inputs into feeds and bound constants.
+
+    graphc compiles static shapes: integer inputs (target shapes, axes, pads, indices) are bound
+    as constants, as a user would with ``input_values=``.
+    """
+    names = [vi.name for vi in case.model.graph.input
+             if vi.name not in {t.name for t in case.model.graph.initializer}]
+    bound = {n: a for n, a in zip(names, inputs) if a.dtype.kind in "iub"}
+    graph = graphc.import_onnx(case.model, input_values=bound)
+    return graph, {n: a for n, a in zip(names, inputs) if n not in bound}
+
+
 CASES = [c for c in ALL_CASES if c.kind == "node" and _supported(c)]
 
 
@@ -79,13 +92,7 @@ def test_node_case(case):
     CONFORMANCE[case.name] = "failed"
     for inputs, outputs in case.data_sets:
         inputs, outputs = _arrays(inputs), _arrays(outputs)
-        names = [vi.name for vi in case.model.graph.input
-                 if vi.name not in {t.name for t in case.model.graph.initializer}]
-        # graphc compiles static shapes: integer inputs (target shapes, axes, pads, indices)
-        # are bound as constants, as a user would with input_values=.
-        bound = {n: a for n, a in zip(names, inputs) if a.dtype.kind in "iub"}
-        graph = graphc.import_onnx(case.model, input_values=bound)
-        feeds = {n: a for n, a in zip(names, inputs) if n not in bound}
+        graph, feeds = import_case(case, inputs)
         got = graphc.interpret(graph, feeds)
         assert len(got) == len(outputs)
         for i, (g, w) in enumerate(zip(got, outputs)):

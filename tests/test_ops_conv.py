@@ -2,8 +2,8 @@
 
 The oracles here are written independently of ``graphc/ops/convolution.py``: Conv sums one shifted
 slice per kernel tap (no im2col), ConvTranspose scatters input pixel by input pixel, both in
-float64 with the padding worked out from the ONNX spec formulas below. ``run_op``/``ort_run``
-are shared with the pooling and normalization tests.
+float64 with the padding worked out from the ONNX spec formulas below. ``build_node`` is shared
+with the pooling and normalization tests.
 """
 
 from __future__ import annotations
@@ -11,28 +11,16 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-from onnx import helper
 
 import graphc
 from graphc.flops import node_flops
 from graphc.types import TensorType
 
-
-# -- runners (also used by test_ops_pool / test_ops_normalization) --------------------------------
-def run_op(op, inputs, attrs=None, n_outputs=1, name="node"):
-    """One ``op`` node fed by graph inputs (None = absent optional input); returns its outputs."""
-    g = graphc.Graph()
-    names = [None if a is None else g.add_input(f"x{i}", TensorType.of(np.asarray(a)))
-             for i, a in enumerate(inputs)]
-    outs = g.add_node(op, names, attrs or {}, outputs=[f"y{i}" for i in range(n_outputs)],
-                      name=name)
-    g.set_outputs(list(outs))
-    feeds = {f"x{i}": np.asarray(a) for i, a in enumerate(inputs) if a is not None}
-    return graphc.interpret(g, feeds)
+from .oracle import run_graphc, run_ort
 
 
+# -- shape rules only (also used by test_ops_pool / test_ops_normalization) ----------------------
 def build_node(op, types, attrs=None, name="node", n_outputs=1):
     """Add one node on inputs of the given TensorTypes (shape rules only, nothing runs)."""
     g = graphc.Graph()
@@ -40,22 +28,6 @@ def build_node(op, types, attrs=None, name="node", n_outputs=1):
     outs = g.add_node(op, names, attrs or {}, outputs=[f"y{i}" for i in range(n_outputs)],
                       name=name)
     return g, [g.type_of(o) for o in outs]
-
-
-def ort_run(op, inputs, attrs=None, n_outputs=1, opset=21):
-    """The same node run by onnxruntime on a one-node ONNX model."""
-    present = [(f"x{i}", np.asarray(a)) for i, a in enumerate(inputs) if a is not None]
-    graph_inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype),
-                                                  a.shape) for n, a in present]
-    node = helper.make_node(op, [f"x{i}" if a is not None else "" for i, a in enumerate(inputs)],
-                            [f"y{i}" for i in range(n_outputs)], **(attrs or {}))
-    outputs = [helper.make_empty_tensor_value_info(f"y{i}") for i in range(n_outputs)]
-    model = helper.make_model(helper.make_graph([node], "g", graph_inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    session = ort.InferenceSession(model.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, dict(present))
 
 
 # -- independent oracles --------------------------------------------------------------------------
@@ -185,18 +157,18 @@ def _naive_from_attrs(x, w, b, attrs):
 @pytest.mark.parametrize("x_shape,w_shape,attrs", CONV_CASES)
 def test_conv_matches_oracles(rng, x_shape, w_shape, attrs, bias):
     x, w, b = _conv_inputs(rng, x_shape, w_shape, bias)
-    (got,) = run_op("Conv", [x, w, b], attrs)
+    (got,) = run_graphc("Conv", [x, w, b], attrs)
     want = _naive_from_attrs(x, w, b, attrs)
     assert got.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     if "dilations" in attrs and attrs.get("auto_pad", "").startswith("SAME"):
         return  # onnxruntime: "Dilation not supported for AutoPadType::SAME_UPPER"
-    np.testing.assert_allclose(got, ort_run("Conv", [x, w, b], attrs)[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, run_ort("Conv", [x, w, b], attrs)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_conv_float64_stays_float64(rng):
     x, w, b = _conv_inputs(rng, (2, 3, 6, 5), (4, 3, 2, 2), dtype=np.float64)
-    (got,) = run_op("Conv", [x, w, b], {"pads": [0, 1, 1, 0]})
+    (got,) = run_graphc("Conv", [x, w, b], {"pads": [0, 1, 1, 0]})
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, naive_conv(x, w, b, [1, 1], [0, 1, 1, 0], [1, 1], 1),
                                rtol=1e-12, atol=1e-12)
@@ -205,7 +177,7 @@ def test_conv_float64_stays_float64(rng):
 def test_conv_valid_ignores_pads(rng):
     """The spec forbids pads with auto_pad; graphc tolerates exporters that write both."""
     x, w, b = _conv_inputs(rng, (1, 3, 10, 7), (2, 3, 3, 2))
-    (got,) = run_op("Conv", [x, w, b], {"auto_pad": "VALID", "pads": [2, 2, 2, 2]})
+    (got,) = run_graphc("Conv", [x, w, b], {"auto_pad": "VALID", "pads": [2, 2, 2, 2]})
     np.testing.assert_allclose(got, naive_conv(x, w, b, [1, 1], [0] * 4, [1, 1], 1),
                                rtol=1e-4, atol=1e-4)
 
@@ -213,7 +185,7 @@ def test_conv_valid_ignores_pads(rng):
 def test_conv_nan_propagates_only_through_its_windows(rng):
     x, w, _ = _conv_inputs(rng, (1, 2, 8, 8), (3, 2, 3, 3), bias=False)
     x[0, 1, 0, 0] = np.nan
-    (got,) = run_op("Conv", [x, w], {"pads": [1, 1, 1, 1]})
+    (got,) = run_graphc("Conv", [x, w], {"pads": [1, 1, 1, 1]})
     assert np.isnan(got[:, :, :2, :2]).all()
     assert np.isfinite(got[:, :, 2:, :]).all() and np.isfinite(got[:, :, :, 2:]).all()
 
@@ -295,9 +267,9 @@ def test_conv_vgg_layer_is_fast(rng):
     """The im2col reference must run VGG-sized layers in well under a second."""
     x = rng.standard_normal((1, 64, 224, 224), dtype=np.float32)
     w = rng.standard_normal((64, 64, 3, 3), dtype=np.float32) * np.float32(0.05)
-    run_op("Conv", [x, w], {"pads": [1, 1, 1, 1]})  # warm up allocations
+    run_graphc("Conv", [x, w], {"pads": [1, 1, 1, 1]})  # warm up allocations
     start = time.perf_counter()
-    (got,) = run_op("Conv", [x, w], {"pads": [1, 1, 1, 1]})
+    (got,) = run_graphc("Conv", [x, w], {"pads": [1, 1, 1, 1]})
     elapsed = time.perf_counter() - start
     assert got.shape == (1, 64, 224, 224)
     assert elapsed < 2.0, f"1x64x224x224 3x3 conv took {elapsed:.2f} s"
@@ -334,7 +306,7 @@ def test_conv_transpose_matches_oracles(rng, x_shape, w_shape, attrs, ort_agrees
     w = rng.standard_normal(w_shape).astype(np.float32)
     group = attrs.get("group", 1)
     b = rng.standard_normal(w_shape[1] * group).astype(np.float32) if bias else None
-    (got,) = run_op("ConvTranspose", [x, w, b], attrs)
+    (got,) = run_graphc("ConvTranspose", [x, w, b], attrs)
     n = x.ndim - 2
     strides = attrs.get("strides", [1] * n)
     dilations = attrs.get("dilations", [1] * n)
@@ -343,7 +315,7 @@ def test_conv_transpose_matches_oracles(rng, x_shape, w_shape, attrs, ort_agrees
     assert got.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     if ort_agrees:
-        np.testing.assert_allclose(got, ort_run("ConvTranspose", [x, w, b], attrs)[0],
+        np.testing.assert_allclose(got, run_ort("ConvTranspose", [x, w, b], attrs)[0],
                                    rtol=1e-4, atol=1e-4)
 
 
@@ -352,10 +324,10 @@ def test_conv_transpose_is_the_gradient_of_conv(rng):
     attrs = {"strides": [2, 3], "pads": [1, 2, 0, 1], "dilations": [2, 1], "group": 2}
     x = rng.standard_normal((2, 4, 11, 13))
     w = rng.standard_normal((6, 2, 3, 4))
-    (y,) = run_op("Conv", [x, w], attrs)
+    (y,) = run_graphc("Conv", [x, w], attrs)
     dy = rng.standard_normal(y.shape)
     extra = [11 - ((y.shape[2] - 1) * 2 + 2 * 2 + 1 - 1), 13 - ((y.shape[3] - 1) * 3 + 4 - 3)]
-    (dx,) = run_op("ConvTranspose", [dy, w], dict(attrs, output_padding=extra))
+    (dx,) = run_graphc("ConvTranspose", [dy, w], dict(attrs, output_padding=extra))
     assert dx.shape == x.shape
     np.testing.assert_allclose(np.vdot(y, dy), np.vdot(x, dx), rtol=1e-10)
 

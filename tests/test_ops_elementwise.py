@@ -2,7 +2,7 @@
 against direct numpy formulas: broadcasting, dtypes, every attribute, numerical stability, NaN,
 the Clip < 11 import rule, and shape-rule errors that name the node.
 
-The helpers ``onnx_model``/``ort_run``/``graphc_run`` are shared with the linalg and reduce tests.
+``assert_same`` is shared with the linalg and reduce tests.
 """
 
 from __future__ import annotations
@@ -10,72 +10,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
 
 import graphc
 from graphc.ops import registry
-from graphc.types import dtype_name
+
+from .oracle import feeds_for, import_and_run, one_node_model, run_graphc, run_onnxruntime, run_ort
 
 
-# -- oracles ------------------------------------------------------------------------------------
-def onnx_model(op, inputs, attrs=None, opset=18, consts=(), out_dtype=None):
-    """A one-node model: input i is ``in{i}`` (an initializer if i in consts; '' if None)."""
-    names, infos, inits = [], [], []
-    for i, a in enumerate(inputs):
-        if a is None:
-            names.append("")
-            continue
-        names.append(f"in{i}")
-        if i in consts:
-            inits.append(numpy_helper.from_array(a, f"in{i}"))
-        else:
-            elem = helper.np_dtype_to_tensor_dtype(a.dtype)
-            infos.append(helper.make_tensor_value_info(f"in{i}", elem, a.shape))
-    out_elem = helper.np_dtype_to_tensor_dtype(np.dtype(out_dtype or inputs[0].dtype))
-    node = helper.make_node(op, names, ["out"], name="node", **(attrs or {}))
-    graph = helper.make_graph([node], "g", infos,
-                              [helper.make_tensor_value_info("out", out_elem, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
-
-
-def _feeds(inputs, consts):
-    return {f"in{i}": np.asarray(a) for i, a in enumerate(inputs)
-            if a is not None and i not in consts}
-
-
-def ort_run(op, inputs, attrs=None, opset=18, consts=(), out_dtype=None):
-    model = onnx_model(op, inputs, attrs, opset, consts, out_dtype)
-    session = ort.InferenceSession(model.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, _feeds(inputs, consts))[0]
-
-
-def graphc_run(op, inputs, attrs=None, consts=(), name="node"):
-    """Build one ``op`` node with the builder and interpret it (inputs in consts are Constants)."""
-    g = graphc.Graph()
-    operands = []
-    for i, a in enumerate(inputs):
-        if a is None:
-            operands.append(None)
-        elif i in consts:
-            operands.append(g.constant(a))
-        else:
-            operands.append(g.input(f"in{i}", a.shape, dtype_name(a.dtype)))
-    y = graphc.ops.apply(op, operands, name=name, **(attrs or {}))
-    g.output(y)
-    graphc.verify(g)
-    return graphc.interpret(g, _feeds(inputs, consts))[0]
-
-
-def import_run(model, inputs, consts=()):
-    """Import an ONNX model with graphc (its import rules) and interpret it."""
-    g = graphc.import_onnx(model)
-    arrays = [a for i, a in enumerate(inputs) if a is not None and i not in consts]
-    return graphc.interpret(g, dict(zip(g.inputs, arrays)))[0]
-
-
+# -- helpers ------------------------------------------------------------------------------------
 def assert_same(got, want, rtol=1e-5, atol=1e-6):
     assert got.dtype == want.dtype, f"dtype {got.dtype} != {want.dtype}"
     assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
@@ -106,7 +49,7 @@ SHAPE_PAIRS = [((3, 4, 5), (3, 4, 5)), ((2, 1, 5), (4, 1)), ((1,), (3, 2)), ((),
 def test_binary_matches_onnxruntime(rng, op, dtype, shapes):
     a = _random(rng, shapes[0], dtype, -50, 50)
     b = _no_zeros(_random(rng, shapes[1], dtype, -9, 9))
-    assert_same(graphc_run(op, [a, b]), ort_run(op, [a, b], opset=14))
+    assert_same(run_graphc(op, [a, b])[0], run_ort(op, [a, b], opset=14)[0])
 
 
 def test_integer_div_truncates_toward_zero():
@@ -114,14 +57,14 @@ def test_integer_div_truncates_toward_zero():
     b = np.array([2, 2, -2, -2, 3, -5, 3], np.int64)
     want = np.array([int(x / y) if abs(x) < 2**50 else x // y for x, y in zip(a.tolist(),
                                                                             b.tolist())])
-    assert_same(graphc_run("Div", [a, b]), want.astype(np.int64))
+    assert_same(run_graphc("Div", [a, b])[0], want.astype(np.int64))
 
 
 def test_unsigned_and_small_int_arithmetic_wraps_like_onnxruntime(rng):
     a = rng.integers(0, 255, (4, 5)).astype(np.uint8)
     b = rng.integers(1, 255, (4, 5)).astype(np.uint8)
     for op in ("Add", "Sub", "Mul", "Div"):
-        assert_same(graphc_run(op, [a, b]), ort_run(op, [a, b], opset=14))
+        assert_same(run_graphc(op, [a, b])[0], run_ort(op, [a, b], opset=14)[0])
 
 
 @pytest.mark.parametrize("base,exp", [("float32", "float32"), ("float32", "int64"),
@@ -131,16 +74,16 @@ def test_unsigned_and_small_int_arithmetic_wraps_like_onnxruntime(rng):
 def test_pow_dtypes_match_onnxruntime(rng, base, exp):
     x = _random(rng, (3, 4), base, 1, 4)
     y = _random(rng, (4,), exp, 0, 3)
-    got = graphc_run("Pow", [x, y])
+    got = run_graphc("Pow", [x, y])[0]
     assert got.dtype == np.dtype(base)  # the result has the base's dtype
-    assert_same(got, ort_run("Pow", [x, y], opset=15))
+    assert_same(got, run_ort("Pow", [x, y], opset=15)[0])
 
 
 def test_pow_integer_base_negative_and_fractional_exponents():
     x = np.array([2, 4, 9, -8, 1], np.int64)
-    assert_same(graphc_run("Pow", [x, np.array([-1, -1, 0, 2, -3], np.int64)]),
+    assert_same(run_graphc("Pow", [x, np.array([-1, -1, 0, 2, -3], np.int64)])[0],
                 np.array([0, 0, 1, 64, 1], np.int64))
-    assert_same(graphc_run("Pow", [x[:3], np.float32(0.5)]), np.array([1, 2, 3], np.int64))
+    assert_same(run_graphc("Pow", [x[:3], np.float32(0.5)])[0], np.array([1, 2, 3], np.int64))
 
 
 def test_value_operators_build_the_arithmetic_ops(rng):
@@ -162,13 +105,13 @@ def test_value_operators_build_the_arithmetic_ops(rng):
                                     [(1,), (2, 2), (2, 1), ()]], ids=str)
 def test_variadic_matches_onnxruntime(rng, op, shapes):
     arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    assert_same(graphc_run(op, arrays), ort_run(op, arrays, opset=13))
+    assert_same(run_graphc(op, arrays)[0], run_ort(op, arrays, opset=13)[0])
 
 
 @pytest.mark.parametrize("op", ["Max", "Min"])
 def test_max_min_on_integers(rng, op):
     arrays = [_random(rng, s, np.int64, -100, 100) for s in [(3, 4), (4,), (1, 1)]]
-    assert_same(graphc_run(op, arrays), ort_run(op, arrays, opset=13))
+    assert_same(run_graphc(op, arrays)[0], run_ort(op, arrays, opset=13)[0])
 
 
 def test_variadic_single_input_does_not_alias_it():
@@ -185,19 +128,20 @@ def test_max_min_propagate_nan():
     a = np.array([np.nan, 1.0, 2.0], np.float32)
     b = np.array([0.0, np.nan, 1.0], np.float32)
     for op in ("Max", "Min", "Sum", "Mean"):
-        got = graphc_run(op, [a, b])
+        got = run_graphc(op, [a, b])[0]
         assert np.isnan(got[:2]).all() and not np.isnan(got[2])
 
 
-# -- activations and unary math ---------------------------------------------------------------------
+# -- activations and unary math --------------------------------------------------------------------
 def _gelu_erf(x):
     return np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.ravel().tolist()]
                     ).reshape(x.shape)
 
 
 UNARY = [("Relu", {}, 18), ("LeakyRelu", {}, 16), ("LeakyRelu", {"alpha": 0.3}, 16),
-         ("Sigmoid", {}, 13), ("HardSigmoid", {}, 6), ("HardSigmoid", {"alpha": 0.5, "beta": 0.1}, 6),
-         ("Tanh", {}, 13), ("Elu", {}, 6), ("Elu", {"alpha": 2.5}, 6), ("Selu", {}, 6),
+         ("Sigmoid", {}, 13), ("HardSigmoid", {}, 6),
+         ("HardSigmoid", {"alpha": 0.5, "beta": 0.1}, 6), ("Tanh", {}, 13), ("Elu", {}, 6),
+         ("Elu", {"alpha": 2.5}, 6), ("Selu", {}, 6),
          ("Selu", {"alpha": 2.0, "gamma": 3.0}, 6), ("Softplus", {}, 1), ("Gelu", {}, 20),
          ("Gelu", {"approximate": "tanh"}, 20), ("Gelu", {"approximate": "none"}, 20),
          ("HardSwish", {}, 14), ("Erf", {}, 13), ("Exp", {}, 13), ("Abs", {}, 13),
@@ -208,7 +152,7 @@ UNARY = [("Relu", {}, 18), ("LeakyRelu", {}, 16), ("LeakyRelu", {"alpha": 0.3}, 
 @pytest.mark.parametrize("shape", [(1, 3, 5, 7), (4,), (2, 3), ()], ids=str)
 def test_unary_matches_onnxruntime(rng, op, attrs, opset, shape):
     x = (rng.standard_normal(shape) * 3).astype(np.float32)
-    assert_same(graphc_run(op, [x], attrs), ort_run(op, [x], attrs, opset=opset),
+    assert_same(run_graphc(op, [x], attrs)[0], run_ort(op, [x], attrs, opset=opset)[0],
                 rtol=1e-5, atol=1e-6)
 
 
@@ -216,49 +160,49 @@ def test_unary_matches_onnxruntime(rng, op, attrs, opset, shape):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_positive_domain_ops(rng, op, dtype):
     x = rng.uniform(0.1, 10, (3, 7)).astype(dtype)
-    assert_same(graphc_run(op, [x]), ort_run(op, [x], opset=13))
+    assert_same(run_graphc(op, [x])[0], run_ort(op, [x], opset=13)[0])
 
 
 # LeakyRelu/HardSwish are left out: onnxruntime rounds their float64 factors to float32
 @pytest.mark.parametrize("op", ["Sigmoid", "Tanh", "Exp", "Relu", "Neg", "Abs"])
 def test_float64_unary_matches_onnxruntime(rng, op):
     x = rng.standard_normal((5, 6))
-    assert_same(graphc_run(op, [x]), ort_run(op, [x], opset=18), rtol=1e-12, atol=1e-14)
+    assert_same(run_graphc(op, [x])[0], run_ort(op, [x], opset=18)[0], rtol=1e-12, atol=1e-14)
 
 
 def test_float64_erf_elu_softplus_against_math(rng):
     # onnxruntime has no float64 kernels for these
     x = rng.standard_normal(40) * 3
     xs = x.tolist()
-    assert_same(graphc_run("Erf", [x]), np.array([math.erf(v) for v in xs]), rtol=1e-15)
-    assert_same(graphc_run("Elu", [x], {"alpha": 0.7}),
+    assert_same(run_graphc("Erf", [x])[0], np.array([math.erf(v) for v in xs]), rtol=1e-15)
+    assert_same(run_graphc("Elu", [x], {"alpha": 0.7})[0],
                 np.array([v if v >= 0 else 0.7 * (math.exp(v) - 1) for v in xs]), rtol=1e-12)
-    assert_same(graphc_run("Softplus", [x]), np.array([math.log(1 + math.exp(v)) for v in xs]),
+    assert_same(run_graphc("Softplus", [x])[0], np.array([math.log(1 + math.exp(v)) for v in xs]),
                 rtol=1e-12)
 
 
 def test_integer_relu_abs_neg(rng):
     x = rng.integers(-100, 100, (4, 5)).astype(np.int64)
-    assert_same(graphc_run("Relu", [x]), np.where(x > 0, x, 0))
-    assert_same(graphc_run("Abs", [x]), np.array([[abs(v) for v in r] for r in x.tolist()]))
-    assert_same(graphc_run("Neg", [x]), 0 - x)
+    assert_same(run_graphc("Relu", [x])[0], np.where(x > 0, x, 0))
+    assert_same(run_graphc("Abs", [x])[0], np.array([[abs(v) for v in r] for r in x.tolist()]))
+    assert_same(run_graphc("Neg", [x])[0], 0 - x)
 
 
 def test_gelu_against_math_erf(rng):
     x = rng.standard_normal(50) * 4
-    assert_same(graphc_run("Gelu", [x]), _gelu_erf(x), rtol=1e-12, atol=1e-15)
-    t = graphc_run("Gelu", [x], {"approximate": "tanh"})
+    assert_same(run_graphc("Gelu", [x])[0], _gelu_erf(x), rtol=1e-12, atol=1e-15)
+    t = run_graphc("Gelu", [x], {"approximate": "tanh"})[0]
     np.testing.assert_allclose(t, _gelu_erf(x), atol=1e-3)  # the approximation is close
 
 
 def test_closed_forms_of_activations():
     x = np.array([-2.0, -0.5, 0.0, 0.5, 3.0, 7.0])
-    assert_same(graphc_run("HardSwish", [x]), x * np.clip(x + 3, 0, 6) / 6)
-    assert_same(graphc_run("HardSigmoid", [x], {"alpha": 0.25, "beta": 0.5}),
+    assert_same(run_graphc("HardSwish", [x])[0], x * np.clip(x + 3, 0, 6) / 6)
+    assert_same(run_graphc("HardSigmoid", [x], {"alpha": 0.25, "beta": 0.5})[0],
                 np.array([0.0, 0.375, 0.5, 0.625, 1.0, 1.0]))
-    assert_same(graphc_run("LeakyRelu", [x], {"alpha": 0.5}),
+    assert_same(run_graphc("LeakyRelu", [x], {"alpha": 0.5})[0],
                 np.array([-1.0, -0.25, 0.0, 0.5, 3.0, 7.0]))
-    selu = graphc_run("Selu", [x])
+    selu = run_graphc("Selu", [x])[0]
     assert selu[4] == pytest.approx(1.0507009873554805 * 3.0)
     assert selu[0] == pytest.approx(1.0507009873554805 * 1.6732632423543772 * (math.exp(-2) - 1))
 
@@ -297,19 +241,19 @@ def test_softplus_and_elu_do_not_overflow():
                                 "Sqrt", "Abs", "Neg", "Reciprocal"])
 def test_unary_propagates_nan(op):
     x = np.array([np.nan, 1.0], np.float32)
-    y = graphc_run(op, [x])
+    y = run_graphc(op, [x])[0]
     assert np.isnan(y[0]) and not np.isnan(y[1])
 
 
-# -- PRelu ------------------------------------------------------------------------------------------
+# -- PRelu -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("x_shape,slope_shape", [((2, 3, 4, 5), (5,)), ((2, 3, 4, 5), (3, 1, 1)),
                                                  ((1, 3, 4, 5), (1,)), ((2, 3), (2, 3)),
                                                  ((2, 3, 4, 5), (1, 3, 4, 5))], ids=str)
 def test_prelu_matches_onnxruntime(rng, x_shape, slope_shape):
     x = rng.standard_normal(x_shape).astype(np.float32)
     slope = rng.uniform(0, 1, slope_shape).astype(np.float32)
-    got = graphc_run("PRelu", [x, slope], consts=(1,))
-    assert_same(got, ort_run("PRelu", [x, slope], opset=16, consts=(1,)))
+    got = run_graphc("PRelu", [x, slope], consts=(1,))[0]
+    assert_same(got, run_ort("PRelu", [x, slope], opset=16, consts=(1,))[0])
     assert_same(got, np.maximum(x, 0) + slope * np.minimum(x, 0))
 
 
@@ -330,8 +274,8 @@ def test_clip_matches_onnxruntime(rng, bounds, dtype):
     x = _random(rng, (3, 4, 5), dtype, -3, 3)
     lo, hi = (None if b is None else np.array(b * scale).astype(dtype) for b in bounds)
     inputs = [x, lo, hi]
-    got = graphc_run("Clip", inputs, consts=(1, 2))
-    assert_same(got, ort_run("Clip", inputs, opset=13, consts=(1, 2)))
+    got = run_graphc("Clip", inputs, consts=(1, 2))[0]
+    assert_same(got, run_ort("Clip", inputs, opset=13, consts=(1, 2))[0])
     if lo is not None and hi is not None and lo > hi:
         assert (got == hi).all()  # ONNX: min > max sets everything to max
 
@@ -339,21 +283,21 @@ def test_clip_matches_onnxruntime(rng, bounds, dtype):
 def test_clip_bounds_may_be_run_time_inputs(rng):
     x = rng.standard_normal((2, 5)).astype(np.float32)
     lo, hi = np.float32(-0.5), np.float32(0.7)
-    assert_same(graphc_run("Clip", [x, np.array(lo), np.array(hi)]), np.clip(x, lo, hi))
+    assert_same(run_graphc("Clip", [x, np.array(lo), np.array(hi)])[0], np.clip(x, lo, hi))
 
 
 @pytest.mark.parametrize("attrs", [{"min": -0.5, "max": 0.5}, {"min": 0.0}, {"max": 0.2}, {}],
                          ids=str)
 def test_clip_opset6_attributes_import_as_inputs(rng, attrs):
     x = rng.standard_normal((3, 4)).astype(np.float32)
-    model = onnx_model("Clip", [x], attrs, opset=10)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    assert_same(import_run(model, [x]), session.run(None, {"in0": x})[0])
+    model = one_node_model("Clip", [x], attrs, opset=10)
+    feeds = feeds_for([x])
+    assert_same(import_and_run(model, feeds)[0], run_onnxruntime(model, feeds)[0])
 
 
 def test_clip_propagates_nan():
     x = np.array([np.nan, -5, 5], np.float32)
-    got = graphc_run("Clip", [x, np.array(-1, np.float32), np.array(1, np.float32)])
+    got = run_graphc("Clip", [x, np.array(-1, np.float32), np.array(1, np.float32)])[0]
     assert np.isnan(got[0]) and list(got[1:]) == [-1, 1]
 
 

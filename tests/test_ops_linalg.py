@@ -10,7 +10,8 @@ import pytest
 import graphc
 from graphc.ops import registry
 
-from .test_ops_elementwise import assert_same, graphc_run, ort_run
+from .oracle import run_graphc, run_ort
+from .test_ops_elementwise import assert_same
 
 
 def _flops(value) -> int:
@@ -30,8 +31,8 @@ def test_gemm_matches_onnxruntime(rng, trans, c_shape, dtype):
     b = rng.standard_normal((n, k) if trans[1] else (k, n)).astype(dtype)
     c = None if c_shape is None else rng.standard_normal(c_shape).astype(dtype)
     attrs = {"transA": trans[0], "transB": trans[1], "alpha": 0.75, "beta": -1.5}
-    got = graphc_run("Gemm", [a, b, c], attrs, consts=(1, 2))
-    assert_same(got, ort_run("Gemm", [a, b, c], attrs, opset=13, consts=(1, 2)), rtol=1e-5)
+    got = run_graphc("Gemm", [a, b, c], attrs, consts=(1, 2))[0]
+    assert_same(got, run_ort("Gemm", [a, b, c], attrs, opset=13, consts=(1, 2))[0], rtol=1e-5)
     a2 = a.T if trans[0] else a
     b2 = b.T if trans[1] else b
     want = 0.75 * np.einsum("ik,kj->ij", a2.astype(np.float64), b2.astype(np.float64))
@@ -45,7 +46,8 @@ def test_gemm_defaults_and_odd_sizes(rng, m, k, n):
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
     c = rng.standard_normal((n,)).astype(np.float32)
-    assert_same(graphc_run("Gemm", [a, b, c]), ort_run("Gemm", [a, b, c], opset=13), rtol=1e-5)
+    assert_same(run_graphc("Gemm", [a, b, c])[0], run_ort("Gemm", [a, b, c], opset=13)[0],
+                rtol=1e-5)
 
 
 def test_gemm_integers_are_exact(rng):
@@ -54,14 +56,14 @@ def test_gemm_integers_are_exact(rng):
     c = rng.integers(-9, 9, (5,)).astype(np.int64)
     want = np.array([[sum(a[i, t] * b[t, j] for t in range(3)) + c[j] for j in range(5)]
                      for i in range(4)], np.int64)
-    assert_same(graphc_run("Gemm", [a, b, c]), want)
-    assert_same(graphc_run("Gemm", [a, b, c], {"alpha": 2.0, "beta": 0.0}), 2 * want - 2 * c)
+    assert_same(run_graphc("Gemm", [a, b, c])[0], want)
+    assert_same(run_graphc("Gemm", [a, b, c], {"alpha": 2.0, "beta": 0.0})[0], 2 * want - 2 * c)
 
 
 def test_gemm_beta_zero_still_propagates_nan_in_c():
     a, b = np.ones((2, 2), np.float32), np.ones((2, 2), np.float32)
     c = np.array([np.nan, 0], np.float32)
-    got = graphc_run("Gemm", [a, b, c], {"beta": 0.0})
+    got = run_graphc("Gemm", [a, b, c], {"beta": 0.0})[0]
     assert np.isnan(got[:, 0]).all() and (got[:, 1] == 2).all()
 
 
@@ -114,8 +116,8 @@ MATMUL_SHAPES = [((3, 4), (4, 5)), ((4,), (4, 5)), ((3, 4), (4,)), ((4,), (4,)),
 def test_matmul_matches_onnxruntime(rng, a_shape, b_shape):
     a = rng.standard_normal(a_shape).astype(np.float32)
     b = rng.standard_normal(b_shape).astype(np.float32)
-    got = graphc_run("MatMul", [a, b])
-    assert_same(got, ort_run("MatMul", [a, b], opset=13), rtol=1e-5, atol=1e-5)
+    got = run_graphc("MatMul", [a, b])[0]
+    assert_same(got, run_ort("MatMul", [a, b], opset=13)[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("a_shape,b_shape", MATMUL_SHAPES, ids=str)
@@ -130,7 +132,7 @@ def test_matmul_integers_against_einsum(rng, a_shape, b_shape):
         want = want[..., 0, :]
     if b.ndim == 1:
         want = want[..., 0]
-    assert_same(graphc_run("MatMul", [a, b]), want.astype(np.int64))
+    assert_same(run_graphc("MatMul", [a, b])[0], want.astype(np.int64))
 
 
 def test_matmul_symbolic_batch_and_flops(rng):

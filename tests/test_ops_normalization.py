@@ -8,27 +8,14 @@ import math
 
 import numpy as np
 import pytest
-from onnx import helper
 
 import graphc
 from graphc import ops
 from graphc.flops import node_flops
 from graphc.types import TensorType
 
-from .test_ops_conv import build_node, ort_run, run_op
-
-
-def onnx_model(op, inputs, n_outputs, attrs, opset, output_names=None):
-    """A one-node model over float32 graph inputs of the given shapes."""
-    names = output_names or [f"y{i}" for i in range(n_outputs)]
-    graph_inputs = [helper.make_tensor_value_info(f"x{i}", 1, shape)
-                    for i, shape in enumerate(inputs)]
-    node = helper.make_node(op, [f"x{i}" for i in range(len(inputs))], names, name="n1", **attrs)
-    outputs = [helper.make_tensor_value_info(n, 1, None) for n in names if n]
-    model = helper.make_model(helper.make_graph([node], "g", graph_inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 7
-    return model
+from .oracle import feeds_for, import_and_run, one_node_model, run_graphc, run_ort
+from .test_ops_conv import build_node
 
 
 # -- BatchNormalization --------------------------------------------------------------------------
@@ -57,10 +44,10 @@ def bn_batch_stats(x):
 @pytest.mark.parametrize("epsilon", [1e-5, 0.1])
 def test_batch_norm_inference(rng, shape, epsilon):
     inputs = bn_inputs(rng, shape)
-    (y,) = run_op("BatchNormalization", inputs, {"epsilon": epsilon})
+    (y,) = run_graphc("BatchNormalization", inputs, {"epsilon": epsilon})
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, bn_formula(*inputs, epsilon=epsilon), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(y, ort_run("BatchNormalization", inputs, {"epsilon": epsilon})[0],
+    np.testing.assert_allclose(y, run_ort("BatchNormalization", inputs, {"epsilon": epsilon})[0],
                                rtol=1e-5, atol=1e-5)
 
 
@@ -68,22 +55,22 @@ def test_batch_norm_inference(rng, shape, epsilon):
 def test_batch_norm_training_statistics(rng, shape):
     x, scale, b, mean, var = inputs = bn_inputs(rng, shape)
     attrs = {"training_mode": 1, "momentum": 0.8, "epsilon": 1e-3}
-    y, running_mean, running_var = run_op("BatchNormalization", inputs, attrs, n_outputs=3)
+    y, running_mean, running_var = run_graphc("BatchNormalization", inputs, attrs, n_outputs=3)
     batch_mean, batch_var = bn_batch_stats(x)
     np.testing.assert_allclose(y, bn_formula(x, scale, b, batch_mean, batch_var, 1e-3),
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(running_mean, 0.8 * mean + 0.2 * batch_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(running_var, 0.8 * var + 0.2 * batch_var, rtol=1e-5, atol=1e-6)
-    (y_only,) = run_op("BatchNormalization", inputs, attrs)
+    (y_only,) = run_graphc("BatchNormalization", inputs, attrs)
     np.testing.assert_array_equal(y_only, y)
 
 
 def test_batch_norm_statistics_keep_their_own_dtype(rng):
     x, scale, b, mean, var = bn_inputs(rng, (3, 2, 4))
     inputs = [x, scale, b, mean.astype(np.float64), var.astype(np.float64)]
-    y, rm, rv = run_op("BatchNormalization", inputs, {"training_mode": 1}, n_outputs=3)
+    y, rm, rv = run_graphc("BatchNormalization", inputs, {"training_mode": 1}, n_outputs=3)
     assert (y.dtype, rm.dtype, rv.dtype) == (np.float32, np.float64, np.float64)
-    (y16,) = run_op("BatchNormalization", [x.astype(np.float16)] + inputs[1:])
+    (y16,) = run_graphc("BatchNormalization", [x.astype(np.float16)] + inputs[1:])
     assert y16.dtype == np.float16
     np.testing.assert_allclose(y16, bn_formula(x, scale, b, mean, var), rtol=1e-2, atol=1e-2)
 
@@ -91,9 +78,9 @@ def test_batch_norm_statistics_keep_their_own_dtype(rng):
 def test_batch_norm_nan_propagates(rng):
     inputs = bn_inputs(rng, (2, 3, 4))
     inputs[0][1, 2, 3] = np.nan
-    (y,) = run_op("BatchNormalization", inputs)
+    (y,) = run_graphc("BatchNormalization", inputs)
     assert np.isnan(y).sum() == 1 and np.isnan(y[1, 2, 3])
-    (y,) = run_op("BatchNormalization", inputs, {"training_mode": 1})
+    (y,) = run_graphc("BatchNormalization", inputs, {"training_mode": 1})
     assert np.isnan(y[:, 2]).all() and np.isfinite(y[:, :2]).all()
 
 
@@ -111,10 +98,9 @@ def test_batch_norm_builder_returns_y_in_inference(rng):
 def test_batch_norm_opset9_extra_outputs_mean_training(rng):
     x, scale, b, mean, var = inputs = bn_inputs(rng, (3, 2, 5))
     names = ["y", "running_mean", "running_var", "saved_mean", "saved_var"]
-    model = onnx_model("BatchNormalization", [a.shape for a in inputs], 5, {"momentum": 0.7},
-                       opset=9, output_names=names)
-    g = graphc.import_onnx(model)
-    y, rm, rv, sm, sv = graphc.interpret(g, dict(zip(g.inputs, inputs)))
+    model = one_node_model("BatchNormalization", inputs, {"momentum": 0.7}, opset=9,
+                           output_names=names)
+    y, rm, rv, sm, sv = import_and_run(model, feeds_for(inputs))
     batch_mean, batch_var = bn_batch_stats(x)
     np.testing.assert_allclose(y, bn_formula(x, scale, b, batch_mean, batch_var), rtol=1e-4,
                                atol=1e-4)
@@ -126,13 +112,10 @@ def test_batch_norm_opset9_extra_outputs_mean_training(rng):
 
 def test_batch_norm_opset7_spatial(rng):
     inputs = bn_inputs(rng, (2, 3, 4, 4))
-    model = onnx_model("BatchNormalization", [a.shape for a in inputs], 1, {"spatial": 1},
-                       opset=7)
-    g = graphc.import_onnx(model)
-    (y,) = graphc.interpret(g, dict(zip(g.inputs, inputs)))
+    model = one_node_model("BatchNormalization", inputs, {"spatial": 1}, opset=7)
+    (y,) = import_and_run(model, feeds_for(inputs))
     np.testing.assert_allclose(y, bn_formula(*inputs), rtol=1e-5, atol=1e-5)
-    model = onnx_model("BatchNormalization", [a.shape for a in inputs], 1, {"spatial": 0},
-                       opset=7)
+    model = one_node_model("BatchNormalization", inputs, {"spatial": 0}, opset=7, name="n1")
     with pytest.raises(graphc.GraphcError, match="'n1'.*spatial=0"):
         graphc.import_onnx(model)
 
@@ -170,21 +153,21 @@ def lrn_formula(x, size, alpha=1e-4, beta=0.75, bias=1.0):
 def test_lrn(rng, shape, size):
     x = (rng.standard_normal(shape) * 3).astype(np.float32)
     attrs = {"size": size, "alpha": 0.02, "beta": 0.6, "bias": 1.5}
-    (y,) = run_op("LRN", [x], attrs)
+    (y,) = run_graphc("LRN", [x], attrs)
     assert y.dtype == np.float32
     want = lrn_formula(x, size, 0.02, 0.6, 1.5)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
     if size % 2:  # onnxruntime implements odd sizes only
-        np.testing.assert_allclose(y, ort_run("LRN", [x], attrs)[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y, run_ort("LRN", [x], attrs)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_lrn_defaults_other_ranks_and_nan(rng):
     x = rng.standard_normal((2, 5, 7))
-    (y,) = run_op("LRN", [x], {"size": 3})
+    (y,) = run_graphc("LRN", [x], {"size": 3})
     assert y.dtype == np.float64
     np.testing.assert_allclose(y, lrn_formula(x, 3), rtol=1e-12)
     x[0, 2, 4] = np.nan
-    (y,) = run_op("LRN", [x], {"size": 3})
+    (y,) = run_graphc("LRN", [x], {"size": 3})
     assert np.isnan(y[0, 1:4, 4]).all() and np.isnan(y).sum() == 3
 
 
@@ -203,40 +186,40 @@ def test_dropout_inference_is_identity(rng):
     x = rng.standard_normal((3, 4, 5)).astype(np.float32)
     x[0, 0, 0] = np.nan
     for inputs in ([x], [x, np.float32(0.3)], [x, np.float32(0.3), np.bool_(False)]):
-        y, mask = run_op("Dropout", inputs, n_outputs=2)
+        y, mask = run_graphc("Dropout", inputs, n_outputs=2)
         np.testing.assert_array_equal(y, x)
         assert mask.dtype == np.bool_ and mask.all() and mask.shape == x.shape
-    np.testing.assert_array_equal(ort_run("Dropout", [x, np.float32(0.3)])[0], x)
+    np.testing.assert_array_equal(run_ort("Dropout", [x, np.float32(0.3)])[0], x)
 
 
 def test_dropout_training(rng):
     x = rng.standard_normal((40, 50)).astype(np.float32)
     inputs = [x, np.float32(0.25), np.bool_(True)]
-    y, mask = run_op("Dropout", inputs, {"seed": 7}, n_outputs=2)
+    y, mask = run_graphc("Dropout", inputs, {"seed": 7}, n_outputs=2)
     assert y.dtype == np.float32 and mask.dtype == np.bool_
     assert 0.2 < 1 - mask.mean() < 0.3
     np.testing.assert_allclose(y, np.where(mask, x / 0.75, 0), rtol=1e-6)
-    _, again_mask = run_op("Dropout", inputs, {"seed": 7}, n_outputs=2)
+    _, again_mask = run_graphc("Dropout", inputs, {"seed": 7}, n_outputs=2)
     np.testing.assert_array_equal(again_mask, mask)
-    _, other_mask = run_op("Dropout", inputs, {"seed": 8}, n_outputs=2)
+    _, other_mask = run_graphc("Dropout", inputs, {"seed": 8}, n_outputs=2)
     assert (other_mask != mask).any()
-    (default_ratio,) = run_op("Dropout", [x, None, np.bool_(True)])
+    (default_ratio,) = run_graphc("Dropout", [x, None, np.bool_(True)])
     assert 0.4 < (default_ratio == 0).mean() < 0.6
-    (zero_ratio,) = run_op("Dropout", [x, np.float32(0.0), np.bool_(True)])
+    (zero_ratio,) = run_graphc("Dropout", [x, np.float32(0.0), np.bool_(True)])
     np.testing.assert_array_equal(zero_ratio, x)
 
 
 def test_dropout_mask_uses_the_onnx_test_generator(rng):
     """Seeded like ONNX's own test data: uniform(0, 1) draws of RandomState(seed) >= ratio."""
     x = rng.standard_normal((20, 40, 5)).astype(np.float32)
-    _, mask = run_op("Dropout", [x, np.float32(0.5), np.bool_(True)], {"seed": 3}, n_outputs=2)
+    _, mask = run_graphc("Dropout", [x, np.float32(0.5), np.bool_(True)], {"seed": 3}, n_outputs=2)
     np.random.seed(3)
     np.testing.assert_array_equal(mask, np.random.uniform(0, 1, x.shape) >= 0.5)
 
 
 def test_dropout_opset10_ratio_attribute(rng):
     x = rng.standard_normal((2, 3)).astype(np.float32)
-    model = onnx_model("Dropout", [x.shape], 2, {"ratio": 0.3}, opset=10)
+    model = one_node_model("Dropout", [x], {"ratio": 0.3}, opset=10, n_outputs=2)
     g = graphc.import_onnx(model)
     y, mask = graphc.interpret(g, {g.inputs[0]: x})
     np.testing.assert_array_equal(y, x)

@@ -13,7 +13,8 @@ import graphc
 from graphc.flops import node_flops
 from graphc.types import TensorType
 
-from .test_ops_conv import build_node, ort_run, run_op, spec_conv_pads
+from .oracle import run_graphc, run_ort
+from .test_ops_conv import build_node, spec_conv_pads
 
 
 def spec_pool_out(size, k, s, d, begin, end, ceil_mode):
@@ -89,7 +90,7 @@ POOL_CASES = [
 def test_max_pool_and_indices_match_oracles(rng, shape, attrs, storage_order):
     attrs = dict(attrs, storage_order=storage_order)
     x = rng.standard_normal(shape).astype(np.float32)
-    y, indices = run_op("MaxPool", [x], attrs, n_outputs=2)
+    y, indices = run_graphc("MaxPool", [x], attrs, n_outputs=2)
     want_y, want_indices = naive_pool(x, attrs, "max")
     assert y.dtype == np.float32 and indices.dtype == np.int64
     np.testing.assert_array_equal(y, want_y.astype(np.float32))
@@ -97,7 +98,7 @@ def test_max_pool_and_indices_match_oracles(rng, shape, attrs, storage_order):
     # storage_order=1 indexes X flattened column-major over its spatial axes
     layout = x if not storage_order else x.transpose((0, 1) + tuple(range(x.ndim - 1, 1, -1)))
     np.testing.assert_array_equal(np.take(layout, indices), y)
-    ort_y, ort_indices = ort_run("MaxPool", [x], attrs, n_outputs=2)
+    ort_y, ort_indices = run_ort("MaxPool", [x], attrs, n_outputs=2)
     np.testing.assert_array_equal(y, ort_y)
     np.testing.assert_array_equal(indices, ort_indices)
 
@@ -108,33 +109,33 @@ def test_max_pool_dtypes(rng, dtype):
     x = rng.integers(0, 100, (2, 3, 7, 6)).astype(dtype)
     if dtype == np.int8:
         x = x - np.int8(100)  # all negative, so a zero from the padding would show
-    (y,) = run_op("MaxPool", [x], attrs)
+    (y,) = run_graphc("MaxPool", [x], attrs)
     assert y.dtype == dtype
     np.testing.assert_array_equal(y, naive_pool(x, attrs, "max")[0].astype(dtype))
     if dtype in (np.uint8, np.int8, np.float64):
-        np.testing.assert_array_equal(y, ort_run("MaxPool", [x], attrs)[0])
+        np.testing.assert_array_equal(y, run_ort("MaxPool", [x], attrs)[0])
 
 
 def test_max_pool_pads_with_minus_infinity(rng):
     x = -1.0 - rng.random((1, 2, 5, 5)).astype(np.float32)  # every value below zero
-    (y,) = run_op("MaxPool", [x], {"kernel_shape": [3, 3], "pads": [2, 2, 2, 2]})
+    (y,) = run_graphc("MaxPool", [x], {"kernel_shape": [3, 3], "pads": [2, 2, 2, 2]})
     assert (y < -1).all()
 
 
 def test_max_pool_propagates_nan(rng):
     x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
     x[0, 0, 1, 1] = np.nan
-    y, indices = run_op("MaxPool", [x], {"kernel_shape": [2, 2], "strides": [2, 2]},
+    y, indices = run_graphc("MaxPool", [x], {"kernel_shape": [2, 2], "strides": [2, 2]},
                         n_outputs=2)
     assert np.isnan(y[0, 0, 0, 0]) and indices[0, 0, 0, 0] == 7
     assert np.isfinite(np.delete(y.ravel(), 0)).all()
-    (y,) = run_op("MaxPool", [x], {"kernel_shape": [2, 2], "strides": [2, 2]})
+    (y,) = run_graphc("MaxPool", [x], {"kernel_shape": [2, 2], "strides": [2, 2]})
     assert np.isnan(y[0, 0, 0, 0])
 
 
 def test_max_pool_ties_pick_the_first_maximum():
     x = np.array([[[[1, 3, 3], [3, 0, 3]]]], dtype=np.float32)
-    y, indices = run_op("MaxPool", [x], {"kernel_shape": [2, 2]}, n_outputs=2)
+    y, indices = run_graphc("MaxPool", [x], {"kernel_shape": [2, 2]}, n_outputs=2)
     np.testing.assert_array_equal(y, [[[[3, 3]]]])
     np.testing.assert_array_equal(indices, [[[[1, 1]]]])
 
@@ -154,16 +155,16 @@ def test_ceil_mode_does_not_change_auto_pad_sizes():
 def test_average_pool_matches_oracles(rng, shape, attrs, count_include_pad):
     attrs = dict(attrs, count_include_pad=count_include_pad)
     x = rng.standard_normal(shape).astype(np.float32)
-    (y,) = run_op("AveragePool", [x], attrs)
+    (y,) = run_graphc("AveragePool", [x], attrs)
     assert y.dtype == np.float32
     np.testing.assert_allclose(y, naive_pool(x, attrs, "average"), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(y, ort_run("AveragePool", [x], attrs)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, run_ort("AveragePool", [x], attrs)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_average_pool_propagates_nan_and_keeps_float64(rng):
     x = rng.standard_normal((1, 1, 4, 4))
     x[0, 0, 3, 3] = np.nan
-    (y,) = run_op("AveragePool", [x], {"kernel_shape": [2, 2], "strides": [2, 2]})
+    (y,) = run_graphc("AveragePool", [x], {"kernel_shape": [2, 2], "strides": [2, 2]})
     assert y.dtype == np.float64
     assert np.isnan(y[0, 0, 1, 1]) and np.isfinite(y[0, 0, 0]).all()
 
@@ -173,22 +174,22 @@ def test_average_pool_propagates_nan_and_keeps_float64(rng):
 def test_global_pools(rng, shape):
     x = rng.standard_normal(shape).astype(np.float32)
     axes = tuple(range(2, len(shape)))
-    (avg,) = run_op("GlobalAveragePool", [x])
-    (mx,) = run_op("GlobalMaxPool", [x])
+    (avg,) = run_graphc("GlobalAveragePool", [x])
+    (mx,) = run_graphc("GlobalMaxPool", [x])
     assert avg.shape == mx.shape == shape[:2] + (1,) * (len(shape) - 2)
     assert avg.dtype == mx.dtype == np.float32
     np.testing.assert_allclose(avg, x.astype(np.float64).mean(axis=axes, keepdims=True),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(mx, x.max(axis=axes, keepdims=True))
-    np.testing.assert_allclose(avg, ort_run("GlobalAveragePool", [x])[0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(mx, ort_run("GlobalMaxPool", [x])[0])
+    np.testing.assert_allclose(avg, run_ort("GlobalAveragePool", [x])[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(mx, run_ort("GlobalMaxPool", [x])[0])
 
 
 def test_global_pools_propagate_nan(rng):
     x = rng.standard_normal((1, 2, 3, 3)).astype(np.float32)
     x[0, 1, 2, 0] = np.nan
     for op in ("GlobalAveragePool", "GlobalMaxPool"):
-        (y,) = run_op(op, [x])
+        (y,) = run_graphc(op, [x])
         assert np.isnan(y[0, 1]).all() and np.isfinite(y[0, 0]).all()
 
 

@@ -6,13 +6,13 @@ shape-rule errors that name the node."""
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 import graphc
 from graphc.ops import registry
 
-from .test_ops_elementwise import assert_same, graphc_run, import_run, onnx_model, ort_run
+from .oracle import feeds_for, import_and_run, one_node_model, run_graphc, run_onnxruntime, run_ort
+from .test_ops_elementwise import assert_same
 
 AXES = [None, [], [0], [-1], [0, 2], [1, -1], [2, 0, 1]]
 
@@ -21,13 +21,7 @@ def _axes(axes):
     return None if axes is None else np.array(axes, np.int64)
 
 
-def _ort_model_run(model, inputs, consts=()):
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {f"in{i}": a for i, a in enumerate(inputs) if a is not None and i not in consts}
-    return session.run(None, feeds)[0]
-
-
-# -- ReduceSum / ReduceMean -------------------------------------------------------------------------
+# -- ReduceSum / ReduceMean ------------------------------------------------------------------------
 @pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean"])
 @pytest.mark.parametrize("axes", AXES, ids=str)
 @pytest.mark.parametrize("keepdims", [0, 1])
@@ -37,32 +31,32 @@ def test_reduce_matches_onnxruntime(rng, op, axes, keepdims, noop, shape):
     x = rng.standard_normal(shape).astype(np.float32)
     attrs = {"keepdims": keepdims, "noop_with_empty_axes": noop}
     inputs = [x, _axes(axes)]
-    got = graphc_run(op, inputs, attrs, consts=(1,))
-    assert_same(got, ort_run(op, inputs, attrs, opset=18, consts=(1,)), rtol=1e-5, atol=1e-6)
+    got = run_graphc(op, inputs, attrs, consts=(1,))[0]
+    assert_same(got, run_ort(op, inputs, attrs, opset=18, consts=(1,))[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("op,want", [("ReduceSum", lambda x: x.sum(axis=(0, 2))),
                                      ("ReduceMean", lambda x: x.mean(axis=(0, 2)))])
 def test_reduce_float64_and_rank4(rng, op, want):
     x = rng.standard_normal((3, 2, 5, 1))
-    got = graphc_run(op, [x, np.array([2, 0], np.int64)], {"keepdims": 0}, consts=(1,))
+    got = run_graphc(op, [x, np.array([2, 0], np.int64)], {"keepdims": 0}, consts=(1,))[0]
     assert_same(got, want(x), rtol=1e-12)
 
 
 def test_reduce_integers():
     x = np.array([[-7, 2, 1], [5, 6, 2]], np.int64)
     axes = np.array([1], np.int64)
-    assert_same(graphc_run("ReduceSum", [x, axes], consts=(1,)), np.array([[-4], [13]]))
+    assert_same(run_graphc("ReduceSum", [x, axes], consts=(1,))[0], np.array([[-4], [13]]))
     # integer mean divides as integers, truncating toward zero: -4/3 -> -1, 13/3 -> 4
-    assert_same(graphc_run("ReduceMean", [x, axes], {"keepdims": 0}, consts=(1,)),
+    assert_same(run_graphc("ReduceMean", [x, axes], {"keepdims": 0}, consts=(1,))[0],
                 np.array([-1, 4]))
 
 
 def test_reduce_empty_set():
     x = np.zeros((2, 0, 4), np.float32)
     axes = np.array([1], np.int64)
-    assert_same(graphc_run("ReduceSum", [x, axes], consts=(1,)), np.zeros((2, 1, 4), np.float32))
-    assert np.isnan(graphc_run("ReduceMean", [x, axes], consts=(1,))).all()
+    assert_same(run_graphc("ReduceSum", [x, axes], consts=(1,))[0], np.zeros((2, 1, 4), np.float32))
+    assert np.isnan(run_graphc("ReduceMean", [x, axes], consts=(1,))[0]).all()
 
 
 def test_empty_axes_tensor_is_known_statically_even_at_run_time(rng):
@@ -85,8 +79,10 @@ def test_empty_axes_tensor_is_known_statically_even_at_run_time(rng):
 def test_axes_attribute_of_older_opsets_imports_as_input(rng, op, opset, axes, keepdims):
     x = rng.standard_normal((3, 4, 2)).astype(np.float32)
     attrs = {"keepdims": keepdims} | ({} if axes is None else {"axes": axes})
-    model = onnx_model(op, [x], attrs, opset=opset)
-    assert_same(import_run(model, [x]), _ort_model_run(model, [x]), rtol=1e-5, atol=1e-6)
+    model = one_node_model(op, [x], attrs, opset=opset)
+    feeds = feeds_for([x])
+    assert_same(import_and_run(model, feeds)[0], run_onnxruntime(model, feeds)[0],
+                rtol=1e-5, atol=1e-6)
 
 
 def test_symbolic_batch_passes_through_reduce(rng):
@@ -130,7 +126,7 @@ def test_reduce_axes_must_be_known_and_int64():
 def test_softmax_matches_onnxruntime(rng, op, axis, shape):
     x = (rng.standard_normal(shape) * 4).astype(np.float32)
     attrs = {} if axis is None else {"axis": axis}
-    assert_same(graphc_run(op, [x], attrs), ort_run(op, [x], attrs, opset=13),
+    assert_same(run_graphc(op, [x], attrs)[0], run_ort(op, [x], attrs, opset=13)[0],
                 rtol=1e-5, atol=1e-6)
 
 
@@ -139,8 +135,8 @@ def test_softmax_formula_float64(rng, axis):
     x = rng.standard_normal((4, 6)) * 10
     e = np.exp(x)
     want = e / e.sum(axis=axis, keepdims=True)
-    assert_same(graphc_run("Softmax", [x], {"axis": axis}), want, rtol=1e-12)
-    assert_same(graphc_run("LogSoftmax", [x], {"axis": axis}), np.log(want), rtol=1e-10,
+    assert_same(run_graphc("Softmax", [x], {"axis": axis})[0], want, rtol=1e-12)
+    assert_same(run_graphc("LogSoftmax", [x], {"axis": axis})[0], np.log(want), rtol=1e-10,
                 atol=1e-12)
 
 
@@ -154,13 +150,13 @@ def test_softmax_is_stable_for_large_inputs():
     np.testing.assert_allclose(y[0], e / e.sum(), rtol=1e-6)
     assert_same(y[1], np.array([0, 0, 1], np.float32))
     np.testing.assert_allclose(y[2], 1 / 3, rtol=1e-6)
-    logs = graphc_run("LogSoftmax", [x])
+    logs = run_graphc("LogSoftmax", [x])[0]
     assert np.isfinite(logs[0]).all() and logs[1, 2] == 0 and logs[1, 0] < -1e29
 
 
 def test_softmax_propagates_nan():
     x = np.array([[np.nan, 1, 2], [0, 1, 2]], np.float32)
-    y = graphc_run("Softmax", [x])
+    y = run_graphc("Softmax", [x])[0]
     assert np.isnan(y[0]).all() and np.isfinite(y[1]).all()
 
 
@@ -170,9 +166,10 @@ def test_softmax_propagates_nan():
 def test_softmax_before_opset13_flattens_at_axis(rng, op, opset, axis):
     x = (rng.standard_normal((2, 3, 4)) * 3).astype(np.float32)
     attrs = {} if axis is None else {"axis": axis}
-    model = onnx_model(op, [x], attrs, opset=opset)
-    got = import_run(model, [x])
-    assert_same(got, _ort_model_run(model, [x]), rtol=1e-5, atol=1e-6)
+    model = one_node_model(op, [x], attrs, opset=opset)
+    feeds = feeds_for([x])
+    got = import_and_run(model, feeds)[0]
+    assert_same(got, run_onnxruntime(model, feeds)[0], rtol=1e-5, atol=1e-6)
     # the old semantics, stated directly: normalise over all dims from axis on
     start = 1 if axis is None else axis % 3
     flat = x.reshape(int(np.prod(x.shape[:start])), -1).astype(np.float64)
@@ -183,7 +180,7 @@ def test_softmax_before_opset13_flattens_at_axis(rng, op, opset, axis):
 
 def test_softmax_opset11_last_axis_imports_as_one_node(rng):
     x = rng.standard_normal((2, 5)).astype(np.float32)
-    g = graphc.import_onnx(onnx_model("Softmax", [x], {"axis": -1}, opset=11))
+    g = graphc.import_onnx(one_node_model("Softmax", [x], {"axis": -1}, opset=11))
     assert [n.op for n in g if n.op != "Input"] == ["Softmax"]
 
 

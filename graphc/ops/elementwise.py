@@ -77,19 +77,17 @@ def _register(name: str, inputs: tuple, infer, reference, kind: str, doc: str,
                    reference=reference, kind=kind, flops=flops, onnx_import=onnx_import, doc=doc))
 
 
+def ufunc_ref(ufunc: np.ufunc):
+    """The reference of an op that is exactly one numpy ufunc applied to its inputs."""
+
+    def reference(call: OpCall, *xs: np.ndarray) -> np.ndarray:
+        return ufunc(*xs)
+
+    reference.__name__ = f"{ufunc.__name__}_ref"
+    return reference
+
+
 # -- binary arithmetic -------------------------------------------------------------------------
-def add_ref(call: OpCall, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.add(a, b)
-
-
-def sub_ref(call: OpCall, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.subtract(a, b)
-
-
-def mul_ref(call: OpCall, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.multiply(a, b)
-
-
 def trunc_divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Integer division rounding toward zero, as C (and ONNX, onnxruntime) define it.
 
@@ -131,7 +129,8 @@ def pow_ref(call: OpCall, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.power(x, y).astype(x.dtype, copy=False)  # f32 ** f64 promotes; undo it
 
 
-_BINARY = (("Add", add_ref, "A + B"), ("Sub", sub_ref, "A - B"), ("Mul", mul_ref, "A * B"),
+_BINARY = (("Add", ufunc_ref(np.add), "A + B"), ("Sub", ufunc_ref(np.subtract), "A - B"),
+           ("Mul", ufunc_ref(np.multiply), "A * B"),
            ("Div", div_ref, "A / B; integer division truncates toward zero"))
 for _name, _ref, _doc in _BINARY:
     _register(_name, ("A", "B"), broadcast_type(NUMERIC, "numeric"), _ref, "broadcast",
@@ -207,10 +206,6 @@ def hard_sigmoid_ref(call: OpCall, x: np.ndarray) -> np.ndarray:
     return np.minimum(np.maximum(y, t(0)), t(1))
 
 
-def tanh_ref(call: OpCall, x: np.ndarray) -> np.ndarray:
-    return np.tanh(x)
-
-
 def elu_ref(call: OpCall, x: np.ndarray) -> np.ndarray:
     # expm1 of min(x, 0): exact near 0 and no overflow in the branch np.where discards
     neg = np.expm1(np.minimum(x, x.dtype.type(0))) * x.dtype.type(call["alpha"])
@@ -268,7 +263,8 @@ _register("PRelu", ("X", "slope"), prelu_type, prelu_ref, "broadcast",
 _register("Sigmoid", ("X",), _FLOAT, sigmoid_ref, "elementwise", "1 / (1 + exp(-x))")
 _register("HardSigmoid", ("X",), _FLOAT, hard_sigmoid_ref, "elementwise",
           "max(0, min(1, alpha * x + beta))", attrs={"alpha": float_(0.2), "beta": float_(0.5)})
-_register("Tanh", ("input",), _FLOAT, tanh_ref, "elementwise", "tanh(x)", outputs=("output",))
+_register("Tanh", ("input",), _FLOAT, ufunc_ref(np.tanh), "elementwise", "tanh(x)",
+          outputs=("output",))
 _register("Elu", ("X",), _FLOAT, elu_ref, "elementwise",
           "x if x >= 0 else alpha * (exp(x) - 1)", attrs={"alpha": float_(1.0)})
 _register("Selu", ("X",), _FLOAT, selu_ref, "elementwise",
@@ -283,40 +279,20 @@ _register("HardSwish", ("X",), _FLOAT, hard_swish_ref, "elementwise",
 
 
 # -- unary math ----------------------------------------------------------------------------------
-def exp_ref(call: OpCall, x: np.ndarray) -> np.ndarray:
-    return np.exp(x)
-
-
-def log_ref(call: OpCall, x: np.ndarray) -> np.ndarray:
-    return np.log(x)
-
-
-def sqrt_ref(call: OpCall, x: np.ndarray) -> np.ndarray:
-    return np.sqrt(x)
-
-
-def abs_ref(call: OpCall, x: np.ndarray) -> np.ndarray:
-    return np.abs(x)
-
-
-def neg_ref(call: OpCall, x: np.ndarray) -> np.ndarray:
-    return np.negative(x)
-
-
-def reciprocal_ref(call: OpCall, x: np.ndarray) -> np.ndarray:
-    return np.reciprocal(x)
-
-
 _register("Erf", ("input",), unary_type(NUMERIC, "numeric"), erf_ref, "elementwise",
           "the error function", outputs=("output",))
-_register("Exp", ("input",), _FLOAT, exp_ref, "elementwise", "exp(x)", outputs=("output",))
-_register("Log", ("input",), _FLOAT, log_ref, "elementwise", "natural logarithm",
-          outputs=("output",))
-_register("Sqrt", ("X",), _FLOAT, sqrt_ref, "elementwise", "square root")
-_register("Abs", ("X",), unary_type(NUMERIC, "numeric"), abs_ref, "elementwise", "|x|")
-_register("Neg", ("X",), unary_type(SIGNED, "float or signed integer"), neg_ref,
-          "elementwise", "-x")
-_register("Reciprocal", ("X",), _FLOAT, reciprocal_ref, "elementwise", "1 / x")
+
+# name, numpy ufunc, (input name, output name), shape rule, doc
+_UNARY_UFUNCS = (
+    ("Exp", np.exp, ("input", "output"), _FLOAT, "exp(x)"),
+    ("Log", np.log, ("input", "output"), _FLOAT, "natural logarithm"),
+    ("Sqrt", np.sqrt, ("X", "Y"), _FLOAT, "square root"),
+    ("Abs", np.abs, ("X", "Y"), unary_type(NUMERIC, "numeric"), "|x|"),
+    ("Neg", np.negative, ("X", "Y"), unary_type(SIGNED, "float or signed integer"), "-x"),
+    ("Reciprocal", np.reciprocal, ("X", "Y"), _FLOAT, "1 / x"),
+)
+for _name, _ufunc, (_in, _out), _infer, _doc in _UNARY_UFUNCS:
+    _register(_name, (_in,), _infer, ufunc_ref(_ufunc), "elementwise", _doc, outputs=(_out,))
 
 
 # -- Clip ----------------------------------------------------------------------------------------
