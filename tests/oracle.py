@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 import graphc
 from graphc.types import TensorType
 
-OPSET = 21
+OPSET = 21  # the default: the newest opset graphc is tested against
 
 
 # -- ONNX Runtime -------------------------------------------------------------------------------

@@ -10,14 +10,10 @@ from hypothesis import HealthCheck, given, settings
 import graphc
 from graphc import ops
 
+from .oracle import run_onnxruntime
 from .test_ir import random_graph
 
-ort = pytest.importorskip("onnxruntime")
-
-
-def _run_ort(model: onnx.ModelProto, feeds: dict) -> list:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+pytest.importorskip("onnxruntime")
 
 
 def _cnn(batch=None, seed=0):
@@ -47,7 +43,7 @@ def test_exported_cnn_runs_in_onnxruntime_with_same_results(tmp_path, batch):
     onnx.checker.check_model(onnx.load(str(path)))
     x = np.random.default_rng(batch).standard_normal((batch, 3, 11, 11)).astype(np.float32)
     want = graphc.interpret(g, {"x": x})
-    got = _run_ort(model, {"x": x})
+    got = run_onnxruntime(model, {"x": x})
     for w, o in zip(want, got):
         np.testing.assert_allclose(o, w, rtol=1e-4, atol=1e-5)
 
@@ -70,7 +66,7 @@ def test_output_that_is_an_input_or_constant_is_exported():
     g.output(x, c, ops.add(x, c))
     model = graphc.export_onnx(g)
     x_val = np.array([3.0, 4.0], np.float32)
-    for w, o in zip(graphc.interpret(g, {"x": x_val}), _run_ort(model, {"x": x_val})):
+    for w, o in zip(graphc.interpret(g, {"x": x_val}), run_onnxruntime(model, {"x": x_val})):
         np.testing.assert_array_equal(o, w)
 
 
@@ -81,5 +77,5 @@ def test_random_graphs_export_to_onnxruntime(g):
     t = g.type_of("x")
     x = np.random.default_rng(0).standard_normal(
         [2 if isinstance(d, str) else d for d in t.shape]).astype(np.float32)
-    np.testing.assert_allclose(_run_ort(model, {"x": x})[0], graphc.interpret(g, {"x": x})[0],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_onnxruntime(model, {"x": x})[0],
+                               graphc.interpret(g, {"x": x})[0], rtol=1e-4, atol=1e-5)

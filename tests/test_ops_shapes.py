@@ -9,69 +9,31 @@ runs the old model itself. Shape-rule errors must be GraphcErrors that name the 
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphc
 from graphc import ops
 
-OPSET = 21
+from .oracle import OPSET, feeds_for, one_node_graph, one_node_model, run_onnxruntime, run_ort
 
 
 # -- oracles --------------------------------------------------------------------------------------
-def _ort(op, inputs, attrs=None, n_outputs=1, opset=OPSET, const=()):
-    """Run one ONNX node in onnxruntime; ``inputs`` is a list of arrays (None = absent)."""
-    model = _onnx_model(op, inputs, attrs, n_outputs, opset, const)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {f"in{i}": a for i, a in enumerate(inputs) if a is not None and i not in const}
-    return sess.run(None, feeds)
-
-
-def _onnx_model(op, inputs, attrs=None, n_outputs=1, opset=OPSET, const=()):
-    names = [f"in{i}" if a is not None else "" for i, a in enumerate(inputs)]
-    while names and names[-1] == "":
-        names.pop()
-    outs = [f"out{i}" for i in range(n_outputs)]
-    node = helper.make_node(op, names, outs, **(attrs or {}))
-    graph_inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype),
-                                                  a.shape)
-                    for i, (n, a) in enumerate(zip(names, inputs)) if n and i not in const]
-    inits = [numpy_helper.from_array(inputs[i], f"in{i}") for i in const]
-    outputs = [helper.make_empty_tensor_value_info(o) for o in outs]
-    graph = helper.make_graph([node], "g", graph_inputs, outputs, initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                             ir_version=9 if opset < 21 else 10)
-
-
 def _graphc(op, inputs, attrs=None, data=(0,), n_outputs=None, symbolic=()):
     """Run ``op`` in graphc: inputs at positions ``data`` are graph inputs, the rest constants.
 
     ``symbolic`` lists data positions whose first dim is declared as the symbolic ``N``.
     Returns (outputs, output types).
     """
-    g = graphc.Graph()
-    operands, feeds = [], {}
-    for i, a in enumerate(inputs):
-        if a is None:
-            operands.append(None)
-        elif i in data:
-            shape = (None,) + a.shape[1:] if i in symbolic else a.shape
-            operands.append(g.input(f"x{i}", shape, graphc.TensorType.of(a).dtype))
-            feeds[f"x{i}"] = a
-        else:
-            operands.append(g.constant(a))  # keeps the dtype (int32 indices stay int32)
-    names = [v.name if v is not None else None for v in operands]
-    outputs = None if n_outputs is None else [f"y{i}" for i in range(n_outputs)]
-    produced = g.add_node(op, names, attrs or {}, outputs=outputs, name="node_under_test")
-    g.set_outputs(produced)
-    graphc.verify(g)
-    return graphc.interpret(g, feeds), [g.type_of(v) for v in produced]
+    consts = [i for i in range(len(inputs)) if i not in data]
+    g = one_node_graph(op, inputs, attrs, consts=consts, n_outputs=n_outputs,
+                       name="node_under_test", symbolic=symbolic)
+    return graphc.interpret(g, feeds_for(inputs, consts)), [g.type_of(v) for v in g.outputs]
 
 
 def _check(op, inputs, attrs=None, data=(0,), n_outputs=None, opset=OPSET):
     got, _ = _graphc(op, inputs, attrs, data, n_outputs)
-    want = _ort(op, inputs, attrs, n_outputs or len(got), opset)
+    want = run_ort(op, inputs, attrs, n_outputs=n_outputs or len(got), opset=opset)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape, (g.dtype, g.shape, w.dtype, w.shape)
@@ -228,7 +190,7 @@ def test_split_num_outputs(rand, dim, n):
 def test_split_by_output_count(rand):
     x = rand(3, 8)
     got, types = _graphc("Split", [x], {"axis": 1}, n_outputs=4)
-    want = _ort("Split", [x], {"axis": 1}, n_outputs=4, opset=13)
+    want = run_ort("Split", [x], {"axis": 1}, n_outputs=4, opset=13)
     assert [t.shape for t in types] == [(3, 2)] * 4
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
@@ -371,7 +333,7 @@ def test_shape_of_symbolic_input(rand):
 @pytest.mark.parametrize("shape", [(2, 3), (0,), (), (1, 4, 1)])
 def test_constant_of_shape(value, shape):
     attrs = {} if value is None else {"value": numpy_helper.from_array(value)}
-    want = _ort("ConstantOfShape", [_i64(*shape)], attrs, const=(0,))[0]
+    want = run_ort("ConstantOfShape", [_i64(*shape)], attrs, consts=(0,))[0]
     (got,), (t,) = _graphc("ConstantOfShape", [_i64(*shape)],
                            {} if value is None else {"value": value}, data=())
     assert got.dtype == want.dtype and got.shape == want.shape and t.shape == shape
@@ -434,33 +396,23 @@ def test_cast_nan_stays_nan_and_unsupported_targets(rand):
 
 # -- older opsets through the importer ------------------------------------------------------------
 def _import_and_compare(model, feeds):
-    want = ort.InferenceSession(model.SerializeToString(),
-                                providers=["CPUExecutionProvider"]).run(None, feeds)
+    want = run_onnxruntime(model, feeds)
     g = graphc.import_onnx(model)
-    got = graphc.interpret(g, dict(zip(g.inputs, feeds.values())))
+    got = graphc.interpret(g, feeds)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a, b)
     return g
 
 
-def _old_model(op, attrs, in_shape, opset, n_outputs=1, dtype=TensorProto.FLOAT):
-    outs = [f"out{i}" for i in range(n_outputs)]
-    node = helper.make_node(op, ["x"], outs, **attrs)
-    graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", dtype, in_shape)],
-        [helper.make_empty_tensor_value_info(o) for o in outs])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                             ir_version=7)
-
-
 @pytest.mark.parametrize("opset", [7, 9])
 def test_import_slice_attributes(rand, opset):
-    model = _old_model("Slice", {"starts": [1, -3], "ends": [100, -1], "axes": [0, 2]},
-                       [3, 4, 5], opset)
-    _import_and_compare(model, {"x": rand(3, 4, 5)})
-    model = _old_model("Slice", {"starts": [0, 1], "ends": [2, 3]}, [3, 4], opset)
-    _import_and_compare(model, {"x": rand(3, 4)})
+    x = rand(3, 4, 5)
+    attrs = {"starts": [1, -3], "ends": [100, -1], "axes": [0, 2]}
+    _import_and_compare(one_node_model("Slice", [x], attrs, opset=opset), feeds_for([x]))
+    x = rand(3, 4)
+    attrs = {"starts": [0, 1], "ends": [2, 3]}
+    _import_and_compare(one_node_model("Slice", [x], attrs, opset=opset), feeds_for([x]))
 
 
 @pytest.mark.parametrize("op, attrs, shape", [
@@ -468,14 +420,17 @@ def test_import_slice_attributes(rand, opset):
     ("Unsqueeze", {"axes": [0, -1]}, [3, 2]),
 ])
 def test_import_squeeze_unsqueeze_attributes(rand, op, attrs, shape):
-    _import_and_compare(_old_model(op, attrs, shape, 11), {"x": rand(*shape)})
+    x = rand(*shape)
+    _import_and_compare(one_node_model(op, [x], attrs, opset=11), feeds_for([x]))
 
 
 def test_import_split_attribute_and_output_count(rand):
-    model = _old_model("Split", {"axis": 1, "split": [1, 4]}, [2, 5], 11, n_outputs=2)
-    _import_and_compare(model, {"x": rand(2, 5)})
-    model = _old_model("Split", {"axis": 0}, [6, 2], 11, n_outputs=3)
-    _import_and_compare(model, {"x": rand(6, 2)})
+    x = rand(2, 5)
+    model = one_node_model("Split", [x], {"axis": 1, "split": [1, 4]}, opset=11, n_outputs=2)
+    _import_and_compare(model, feeds_for([x]))
+    x = rand(6, 2)
+    model = one_node_model("Split", [x], {"axis": 0}, opset=11, n_outputs=3)
+    _import_and_compare(model, feeds_for([x]))
 
 
 @pytest.mark.parametrize("mode, value", [("constant", 2.5), ("constant", None),
@@ -484,7 +439,8 @@ def test_import_pad_attributes(rand, mode, value):
     attrs = {"mode": mode, "pads": [0, 1, 1, 2]}
     if value is not None:
         attrs["value"] = value
-    _import_and_compare(_old_model("Pad", attrs, [3, 4], 10), {"x": rand(3, 4)})
+    x = rand(3, 4)
+    _import_and_compare(one_node_model("Pad", [x], attrs, opset=10), feeds_for([x]))
 
 
 def test_import_folds_shape_chain_into_static_reshape(rand):
