@@ -7,7 +7,7 @@ Public API: ``Graph``, ``interpret``, ``import_onnx``, ``export_onnx``, ``Graphc
 from __future__ import annotations
 
 from . import ops
-from .compile import CompiledModel, compile  # noqa: A004 -- graphc.compile is the public name
+from .compile import CompiledModel, compile
 from .errors import GraphcError
 from .interp import interpret
 from .ir import Graph, Node, Value
@@ -35,5 +35,17 @@ def export_onnx(graph: Graph, path=None, opset: int | None = None):
     return _export(graph, path, opset=opset)
 
 
-__all__ = ["CompiledModel", "Graph", "GraphcError", "compile", "Node", "TensorType", "Value", "export_onnx", "import_onnx",
-           "interpret", "ops", "verify"]
+__all__ = [
+    "CompiledModel",
+    "Graph",
+    "GraphcError",
+    "Node",
+    "TensorType",
+    "Value",
+    "compile",
+    "export_onnx",
+    "import_onnx",
+    "interpret",
+    "ops",
+    "verify",
+]

@@ -7,7 +7,8 @@ passes introduce has interpreter semantics). The LLVM CPU and CUDA backends add 
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping, Optional, TextIO, Union
+from collections.abc import Iterable, Mapping
+from typing import TextIO
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class CompiledModel:
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return interpret(self.graph, feeds)
 
-    def __call__(self, feeds: Optional[Mapping[str, np.ndarray]] = None, **named) -> list:
+    def __call__(self, feeds: Mapping[str, np.ndarray] | None = None, **named) -> list:
         return self.run({**(feeds or {}), **named})
 
     def __repr__(self) -> str:
@@ -46,11 +47,11 @@ class CompiledModel:
 
 
 def compile(graph: Graph, target: str = "reference",
-            conv: Union[str, Mapping[str, str]] = "auto",
-            passes: Optional[Union[str, Iterable[str]]] = None, *, training: bool = False,
+            conv: str | Mapping[str, str] = "auto",
+            passes: str | Iterable[str] | None = None, *, training: bool = False,
             verify_each: bool = True, print_after: Iterable[str] = (),
-            print_after_all: bool = False, dump_dir: Optional[os.PathLike] = None,
-            out: Optional[TextIO] = None) -> CompiledModel:
+            print_after_all: bool = False, dump_dir: os.PathLike | None = None,
+            out: TextIO | None = None) -> CompiledModel:
     """Optimise ``graph`` for ``target``.
 
     ``conv`` is the convolution algorithm for every Conv ("auto", "im2col", "winograd-f2",

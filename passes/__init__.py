@@ -9,8 +9,17 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .manager import (DEFAULT_PIPELINES, PassError, PassManager, PassOptions,  # noqa: F401
-                      all_passes, default_pipeline, get_pass, parse_pipeline, register_pass)
+from .manager import (  # noqa: F401
+    DEFAULT_PIPELINES,
+    PassError,
+    PassManager,
+    PassOptions,
+    all_passes,
+    default_pipeline,
+    get_pass,
+    parse_pipeline,
+    register_pass,
+)
 
 
 def _import_pass_modules() -> None:

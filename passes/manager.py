@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, TextIO, Union
+from typing import TextIO
 
 from graphc.errors import GraphcError
 from graphc.ir import Graph
@@ -96,7 +97,7 @@ def all_passes() -> dict[str, PassInfo]:
     return dict(sorted(_PASSES.items()))
 
 
-def parse_pipeline(pipeline: Union[str, Iterable[str]]) -> list[str]:
+def parse_pipeline(pipeline: str | Iterable[str]) -> list[str]:
     """``"a,b, c"`` or ``["a", "b"]`` -> checked list of pass names."""
     names = pipeline.split(",") if isinstance(pipeline, str) else list(pipeline)
     names = [n.strip() for n in names if n.strip()]
@@ -144,10 +145,10 @@ def fingerprint(graph: Graph) -> tuple:
 
 
 class PassManager:
-    def __init__(self, pipeline: Union[str, Iterable[str]], options: Optional[PassOptions] = None,
+    def __init__(self, pipeline: str | Iterable[str], options: PassOptions | None = None,
                  verify_each: bool = True, print_after: Iterable[str] = (),
-                 print_after_all: bool = False, dump_dir: Optional[os.PathLike] = None,
-                 out: Optional[TextIO] = None):
+                 print_after_all: bool = False, dump_dir: os.PathLike | None = None,
+                 out: TextIO | None = None):
         self.pipeline = parse_pipeline(pipeline)
         self.options = options or PassOptions()
         self.verify_each = verify_each
@@ -168,7 +169,7 @@ class PassManager:
             current = self._run_one(step, name, current, before)
         return current
 
-    def _run_one(self, step: int, name: str, graph: Graph, before: Optional[tuple]) -> Graph:
+    def _run_one(self, step: int, name: str, graph: Graph, before: tuple | None) -> Graph:
         info = get_pass(name)
         done = ", ".join(self.pipeline[: step - 1]) or "none"
         start = time.perf_counter()
@@ -178,7 +179,7 @@ class PassManager:
                 verify(result)
         except GraphcError as exc:
             raise PassError(f"in pass '{name}' (after {done}): {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 -- a bug in a pass must still name the pass
+        except Exception as exc:
             raise PassError(f"in pass '{name}' (after {done}): {type(exc).__name__}: {exc}"
                             ) from exc
         seconds = time.perf_counter() - start

@@ -105,8 +105,8 @@ def test_dump_dir_writes_numbered_files_that_parse(tmp_path):
 
 
 @pytest.mark.parametrize("pipeline,needle", [
-    ("test-relu-to-sigmoid,test-raises", r"in pass 'test-raises' \(after test-relu-to-sigmoid\)"
-                                         r".*KeyError"),
+    ("test-relu-to-sigmoid,test-raises",
+     r"in pass 'test-raises' \(after test-relu-to-sigmoid\).*KeyError"),
     ("test-relu-to-sigmoid,test-stale-type", "in pass 'test-stale-type'.*stored as"),
     ("test-mutates-input", "mutated its input"),
 ])
@@ -131,7 +131,7 @@ def test_compile_api_checks_target_and_overrides():
         graphc.compile(g, conv={"relu": "im2col"})
     model = graphc.compile(g, passes="test-relu-to-sigmoid")
     x = np.linspace(-2, 2, 8, dtype=np.float32).reshape(2, 4)
-    y, z = model(x=x)
+    y, _ = model(x=x)
     np.testing.assert_allclose(y, 1 / (1 + np.exp(-x)), rtol=1e-6)
     assert model.graph.op_histogram()["Sigmoid"] == 1 and "reference" in repr(model)
 

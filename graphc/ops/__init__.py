@@ -15,19 +15,22 @@ import numpy as np
 from ..errors import GraphBuildError
 
 # Family modules are named so that no module shadows a builder function (ops.conv, ops.shape).
+# fused, fused_elementwise, im2col and winograd are the graphc-only ops that passes introduce.
 from . import (  # noqa: F401
     constants,
     convolution,
     elementwise,
+    fused,
+    fused_elementwise,
+    im2col,
     linalg,
     normalization,
     pool,
     reduce,
     registry,
     shapes,
+    winograd,
 )
-# graphc-only ops that passes introduce; fused composes registered ops, so these come last
-from . import fused, fused_elementwise, im2col, winograd  # noqa: E402,F401
 
 _ALIASES = {"matmul": "MatMul", "prelu": "PRelu", "lrn": "LRN"}
 

@@ -13,7 +13,6 @@ registry reference (Relu, LeakyRelu, Clip, ...), so fused and unfused graphs agr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -77,8 +76,8 @@ def apply_activation(name: str, params, y: np.ndarray, node: str = "epilogue") -
     return opdef.reference(call, y, *extra)
 
 
-def apply_epilogue(call: OpCall, acc: np.ndarray, bias: Optional[np.ndarray],
-                   residual: Optional[np.ndarray], bias_axis: int = 1) -> np.ndarray:
+def apply_epilogue(call: OpCall, acc: np.ndarray, bias: np.ndarray | None,
+                   residual: np.ndarray | None, bias_axis: int = 1) -> np.ndarray:
     """``activation(acc + bias + residual)`` in the accumulator's dtype; a 1-D ``bias`` runs
     along ``bias_axis`` of ``acc``."""
     y = acc
@@ -92,7 +91,7 @@ def apply_epilogue(call: OpCall, acc: np.ndarray, bias: Optional[np.ndarray],
     return apply_activation(call["activation"], call["activation_params"], y, call.node)
 
 
-def activation_of(graph, node) -> Optional[tuple[str, tuple[float, ...]]]:
+def activation_of(graph, node) -> tuple[str, tuple[float, ...]] | None:
     """(activation name, params) if ``node`` is an activation op that can join an epilogue."""
     name = BY_OP.get(node.op)
     if name is None:

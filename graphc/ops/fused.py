@@ -7,7 +7,7 @@ op's (looked up in the registry, not copied), followed by the epilogue.
 
 from __future__ import annotations
 
-from . import registry
+from . import convolution, linalg, registry  # noqa: F401 -- Conv and Gemm must be registered
 from .epilogue import EPILOGUE_ATTRS, apply_epilogue, check_epilogue
 from .registry import OpCall, OpDef, register
 
