@@ -67,7 +67,7 @@ def compile(graph: Graph, target: str = "reference",
     else:
         per_node = {k: v for k, v in conv.items() if k != "*"}
         for name in per_node:
-            if name not in graph.nx or graph.node(name).op != "Conv":
+            if name not in graph.nx or graph.node(name).op not in ("Conv", "FusedConv"):
                 raise GraphcError(f"conv override names '{name}', which is not a Conv node")
         options = PassOptions(target=target, conv=conv.get("*", "auto"), conv_per_node=per_node,
                               training=training)

@@ -15,15 +15,15 @@ import numpy as np
 from ..errors import GraphBuildError
 
 # Family modules are named so that no module shadows a builder function (ops.conv, ops.shape).
-# fused, fused_elementwise, im2col and winograd are the graphc-only ops that passes introduce.
+# fused, fused_elementwise, lowered_conv and winograd: the graphc-only ops passes introduce.
 from . import (  # noqa: F401
     constants,
     convolution,
     elementwise,
     fused,
     fused_elementwise,
-    im2col,
     linalg,
+    lowered_conv,
     normalization,
     pool,
     reduce,
@@ -32,7 +32,7 @@ from . import (  # noqa: F401
     winograd,
 )
 
-_ALIASES = {"matmul": "MatMul", "prelu": "PRelu", "lrn": "LRN"}
+_ALIASES = {"matmul": "MatMul", "prelu": "PRelu", "lrn": "LRN", "im2col": "Im2Col"}
 
 
 def snake_name(op: str) -> str:

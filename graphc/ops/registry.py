@@ -15,7 +15,6 @@ An entry holds what every layer of graphc needs to know about an op:
   form (e.g. attributes that later opsets moved to inputs).
 * ``grad`` (vjp rule) and ``lower`` (backend lowering) are filled in by later layers.
 * ``epilogue_bias_axis``: set on ops that carry a fused epilogue (``ops/epilogue.py``).
-* ``epilogue_bias_axis``: set on ops that carry a fused epilogue (``ops/epilogue.py``).
 """
 
 from __future__ import annotations
