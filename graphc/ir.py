@@ -122,22 +122,33 @@ class Graph:
                 for n in [n["node"]] if n.op in CONSTANT_OPS}
 
     def nodes(self) -> list[Node]:
-        """Nodes in a deterministic topological order: insertion order where the dependencies
-        allow, and each constant just before its first reader (so printed IR reads top-down)."""
-        key = {}
-        for name, data in self.nx.nodes(data=True):
-            key[name] = (data["order"], 1, data["order"])
-            if data["node"].op in CONSTANT_OPS:
-                readers = [self.nx.nodes[r]["order"] for r in self.nx.successors(name)]
-                key[name] = (min(readers, default=data["order"]), 0, data["order"])
+        """Nodes in a deterministic topological order: the ops in insertion order where their
+        dependencies allow, each constant just before its first reader (unused ones last).
+
+        Printing this order and parsing it back gives the same order again, so text dumps of a
+        graph, and of the graph parsed from them, diff cleanly."""
+        data = self.nx.nodes
+        ops = [n for n in data if data[n]["node"].op not in CONSTANT_OPS]
         try:
-            names = nx.lexicographical_topological_sort(self.nx, key=key.__getitem__)
-            return [self.node(n) for n in names]
+            order = list(nx.lexicographical_topological_sort(
+                self.nx.subgraph(ops), key=lambda n: data[n]["order"]))
         except nx.NetworkXUnfeasible:
             cycle = nx.find_cycle(self.nx)
             raise VerificationError(
                 f"graph '{self.name}' has a cycle through nodes "
                 f"{', '.join(repr(e[0]) for e in cycle)}") from None
+        position = {n: i for i, n in enumerate(order)}
+        before: dict[int, list[str]] = {}
+        for n in data:
+            if data[n]["node"].op in CONSTANT_OPS:
+                first = min((position[r] for r in self.nx.successors(n)), default=len(order))
+                before.setdefault(first, []).append(n)
+        names = []
+        for i in range(len(order) + 1):
+            names += sorted(before.get(i, ()), key=lambda n: data[n]["order"])
+            if i < len(order):
+                names.append(order[i])
+        return [data[n]["node"] for n in names]
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes())

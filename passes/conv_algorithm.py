@@ -13,6 +13,7 @@ import math
 from graphc.errors import GraphcError
 from graphc.ops import registry
 from graphc.ops.convolution import conv_window
+from graphc.ops.winograd import WINOGRAD_DTYPES
 
 CONV_OPS = ("Conv", "FusedConv")
 
@@ -34,13 +35,24 @@ def conv_geometry(graph, node):
             win.strides, win.dilations)
 
 
-def winograd_eligible(graph, node) -> bool:
-    """3x3 kernel, stride 1, dilation 1, 2-D, static channels."""
+def winograd_obstacle(graph, node) -> str | None:
+    """Why the ``winograd`` pass cannot rewrite ``node`` (None if it can)."""
     if node.op not in CONV_OPS or graph.type_of(node.inputs[0]).rank != 4:
-        return False
-    _, c, k, _, out, kernel, strides, dilations = conv_geometry(graph, node)
-    return (tuple(kernel) == (3, 3) and tuple(strides) == (1, 1) and tuple(dilations) == (1, 1)
-            and isinstance(c, int) and all(isinstance(d, int) for d in out))
+        return "a 2-D Conv"
+    _, c, _, _, out, kernel, strides, dilations = conv_geometry(graph, node)
+    if tuple(kernel) != (3, 3) or tuple(strides) != (1, 1) or tuple(dilations) != (1, 1):
+        return "a 3x3 kernel with stride 1 and dilation 1"
+    if graph.type_of(node.inputs[0]).dtype not in WINOGRAD_DTYPES:
+        # float16 rounding of the transforms would swamp the result (F4's G has entries 1/15)
+        return "float32 or float64 operands"
+    if not (isinstance(c, int) and all(isinstance(d, int) for d in out)):
+        return "static channel and spatial dims (the tile count is an attribute)"
+    return None
+
+
+def winograd_eligible(graph, node) -> bool:
+    """3x3 kernel, stride 1, dilation 1, 2-D, f32/f64, static channels and spatial dims."""
+    return winograd_obstacle(graph, node) is None
 
 
 def winograd_cost(c: int, k: int, out_h: int, out_w: int, m: int) -> float:
@@ -52,20 +64,29 @@ def winograd_cost(c: int, k: int, out_h: int, out_w: int, m: int) -> float:
     return gemm + transforms
 
 
+def filter_transform_cost(c: int, k: int, m: int) -> float:
+    """The filter transform, paid once per run when W is computed at run time (else folded)."""
+    return (m + 2) ** 2 * c * k * TRANSFORM_WEIGHT
+
+
 def im2col_cost(c: int, k: int, out_h: int, out_w: int) -> float:
     return out_h * out_w * 9 * c * k + out_h * out_w * 9 * c * TRANSFORM_WEIGHT / 4
 
 
 def auto_algorithm(graph, node) -> str:
+    """The cheapest of im2col, F(2x2, 3x3) and F(4x4, 3x3) by the cost rule (per group)."""
     if not winograd_eligible(graph, node):
         return "im2col"
-    _, c, k, group, (out_h, out_w), *_ = conv_geometry(graph, node)
+    n, c, k, group, (out_h, out_w), *_ = conv_geometry(graph, node)
     c, k = c // group, k // group
     if c < MIN_WINOGRAD_CHANNELS:
         return "im2col"
-    costs = {"im2col": im2col_cost(c, k, out_h, out_w),
-             "winograd-f2": winograd_cost(c, k, out_h, out_w, 2),
-             "winograd-f4": winograd_cost(c, k, out_h, out_w, 4)}
+    batch = n if isinstance(n, int) else 1  # a symbolic batch counts as one image
+    runtime_weights = graph.constant_value(node.inputs[1]) is None
+    costs = {"im2col": batch * im2col_cost(c, k, out_h, out_w)}
+    for name, m in (("winograd-f2", 2), ("winograd-f4", 4)):
+        costs[name] = (batch * winograd_cost(c, k, out_h, out_w, m)
+                       + runtime_weights * filter_transform_cost(c, k, m))
     return min(costs, key=costs.get)
 
 
@@ -76,9 +97,9 @@ def choose_conv_algorithm(graph, node, options) -> str:
     chosen = options.conv_algorithm(node.name)
     if chosen == "auto":
         return auto_algorithm(graph, node)
-    if chosen.startswith("winograd") and not winograd_eligible(graph, node):
+    obstacle = winograd_obstacle(graph, node) if chosen.startswith("winograd") else None
+    if obstacle is not None:
         if node.name in options.conv_per_node:
-            raise GraphcError(f"Conv node '{node.name}': {chosen} needs a 3x3 kernel with "
-                              f"stride 1 and dilation 1 on a 2-D input")
+            raise GraphcError(f"{node.op} node '{node.name}': {chosen} needs {obstacle}")
         return "im2col"
     return chosen

@@ -103,6 +103,21 @@ def test_passes_style_copy_does_not_mutate_original():
     assert str(g) == before and str(h) != before
 
 
+def test_text_of_a_rewritten_graph_is_stable_through_parse():
+    """In-place rewrites (replace_node) keep a node's position; its new operands are inserted
+    later. The printed order must still survive a parse, so dumps of both diff cleanly."""
+    g = _mlp()
+    gemm = next(n for n in g if n.op == "Gemm")
+    w2 = g.add_constant(np.ones((8, 3), np.float32), "w2")
+    g.replace_node(gemm.name, inputs=(gemm.inputs[0], w2, gemm.inputs[2]))
+    g.remove_node(gemm.inputs[1])
+    text = str(g)
+    assert str(roundtrip(g)) == text
+    lines = text.splitlines()
+    assert lines.index(next(ln for ln in lines if ln.strip().startswith("%w2 ="))) + 1 == \
+        lines.index(next(ln for ln in lines if f"%{gemm.name} = Gemm" in ln))
+
+
 # -- property: random small MLP/CNN graphs --------------------------------------------------------
 @st.composite
 def random_graph(draw):
