@@ -112,6 +112,8 @@ def logits(graph: graphc.Graph) -> graphc.Graph:
     changes the softmax of them completely -- an ill-conditioned output, not a wrong one."""
     g = graph.copy()
     node = g.producer(g.outputs[0])
+    while node.op in ("Reshape", "Flatten", "Identity"):
+        node = g.producer(node.inputs[0])
     if node.op == "Softmax":
         g.set_outputs([node.inputs[0]])
     return g
