@@ -15,13 +15,13 @@ import numpy as np
 from ..errors import GraphBuildError
 
 # Family modules are named so that no module shadows a builder function (ops.conv, ops.shape).
-# fused, fused_elementwise, lowered_conv and winograd: the graphc-only ops passes introduce.
+# fused, fused_expression, lowered_conv and winograd: the graphc-only ops passes introduce.
 from . import (  # noqa: F401
     constants,
     convolution,
     elementwise,
     fused,
-    fused_elementwise,
+    fused_expression,
     linalg,
     lowered_conv,
     normalization,

@@ -104,7 +104,7 @@ def activation_of(graph, node) -> tuple[str, tuple[float, ...]] | None:
         if node.inputs[i:i + 1] and node.inputs[i] is not None and value is None:
             return None  # a run-time bound cannot become an attribute
         default = -np.inf if i == 1 else np.inf
-        params.append(float(value) if value is not None else default)
+        params.append(float(np.asarray(value).reshape(())) if value is not None else default)
     return name, tuple(params)
 
 
