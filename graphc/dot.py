@@ -22,7 +22,8 @@ def to_dot(graph: Graph) -> str:
         if node.op in CONSTANT_OPS:
             continue
         if node.op == INPUT:
-            lines.append(f"  {_q(node.name)} [shape=ellipse, label={_q(f'{node.name}: {node.types[0]}')}];")
+            label = _q(f"{node.name}: {node.types[0]}")
+            lines.append(f"  {_q(node.name)} [shape=ellipse, label={label}];")
             continue
         consts = [v for v in node.inputs if v is not None and graph.constant_value(v) is not None]
         extra = "".join(f"\\n{v}: {graph.type_of(v)}" for v in consts)

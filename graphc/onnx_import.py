@@ -187,7 +187,8 @@ class _GraphImporter:
         for vi in g.input:
             if vi.name not in self.names:
                 self._import_input(vi)
-        for what, left in (("input_shapes", self.input_shapes), ("input_values", self.input_values)):
+        unused = (("input_shapes", self.input_shapes), ("input_values", self.input_values))
+        for what, left in unused:
             if left:
                 raise ShapeError(f"{self.source}: {what} names unknown input '{min(left)}' "
                                  f"(inputs: {[vi.name for vi in g.input]})")

@@ -10,7 +10,8 @@ One line per node, in deterministic topological order, so that two dumps diff cl
     }
 
 Absent optional operands/results print as ``_``. Tensors of up to ``INLINE_LIMIT`` elements print
-inline (``tensor<i64[2]> [1, -1]``), tensors of one repeated value as ``tensor<f32[64]> splat(0.0)``;
+inline (``tensor<i64[2]> [1, -1]``), tensors of one repeated value as
+``tensor<f32[64]> splat(0.0)``;
 larger ones print their type and a content digest, and the parser takes their data from
 ``weights`` (value name -> array), checking type and digest.
 """

@@ -1,4 +1,4 @@
-"""winograd: 3x3 stride-1 convolutions that ``choose_conv_algorithm`` gives to Winograd F(m x m, 3x3).
+"""winograd: 3x3 stride-1 convs that ``choose_conv_algorithm`` gives to Winograd F(m x m, 3x3).
 
 Every Conv/FusedConv for which ``passes.conv_algorithm.choose_conv_algorithm`` answers
 "winograd-f2" (m = 2) or "winograd-f4" (m = 4) becomes the four stages of ``graphc/ops/winograd.py``

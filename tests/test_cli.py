@@ -38,7 +38,8 @@ def test_inspect_reports_ops_parameters_and_flops(capsys):
     assert out.startswith("graph lenet5(%x: f32[N,1,28,28]) {")
     params = sum(numpy_helper.to_array(t).size for t in onnx.load(MODEL).graph.initializer)
     assert f"parameters: {params:,}" in out
-    assert re.search(r"^\s+Conv\s+2$", out, re.MULTILINE) and re.search(r"^\s+Gemm\s+3$", out, re.MULTILINE)
+    assert re.search(r"^\s+Conv\s+2$", out, re.MULTILINE)
+    assert re.search(r"^\s+Gemm\s+3$", out, re.MULTILINE)
     # symbolic batch N: FLOPs per sample; with a static batch of 2 exactly twice as many
     total = int(re.search(r"total FLOPs per unit of N: ([\d,]+)", out).group(1).replace(",", ""))
     conv1 = 2 * 6 * 28 * 28 * 1 * 5 * 5  # 2*K*OH*OW*C*kh*kw per sample
@@ -93,3 +94,47 @@ def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "graphc", "--help"], capture_output=True,
                             text=True, cwd=ROOT, timeout=60, check=False)
     assert result.returncode == 0 and "inspect" in result.stdout and "run" in result.stdout
+
+
+def test_compile_reports_the_rewrite_and_prints_after_a_pass(capsys):
+    args = ["compile", MODEL, "--input-shape", "x=2,1,28,28", "--print-after", "winograd",
+            "--conv", "winograd-f2", "--timing"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("IR after") == 1 and "// ----- IR after winograd -----" in out
+    assert re.search(r"^\s+Conv\s+2 -> 0", out, re.MULTILINE)
+    assert "WinogradOutput(" not in out.split("IR after winograd")[0]  # LeNet has 5x5 kernels
+    for name in ("canonicalize", "fold-constants", "lower-conv", "fuse-epilogue", "total"):
+        assert re.search(rf"^{name}\s+\d+\.\d+", out, re.MULTILINE), name
+
+
+def test_compile_dump_dir_and_emit_ir(tmp_path, capsys):
+    dump = tmp_path / "ir"
+    assert main(["compile", MODEL, "--dump-dir", str(dump), "--emit", "ir"]) == 0
+    out = capsys.readouterr().out
+    files = sorted(os.listdir(dump))
+    assert files[0] == "00-input.ir" and files[1] == "01-canonicalize.ir"
+    final = (dump / files[-1]).read_text()
+    assert final in out
+    model = graphc.compile(graphc.import_onnx(MODEL))
+    assert str(model.graph) == final
+    assert str(graphc.Graph.parse(final, weights=model.graph.constant_arrays())) == final
+
+
+def test_compile_per_node_override_and_bad_algorithm(capsys):
+    conv = next(n.name for n in graphc.import_onnx(MODEL) if n.op == "Conv")
+    assert main(["compile", MODEL, "--conv-node", f"{conv}=direct", "--emit", "ir"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"= FusedConv\(%x, ", out) and out.count("= Im2Col(") == 1
+    assert main(["compile", MODEL, "--conv-node", "nope=im2col"]) == 2
+    assert "not a Conv node" in capsys.readouterr().err
+
+
+def test_passes_lists_every_pass_with_its_description(capsys):
+    from passes import all_passes
+
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name, info in all_passes().items():
+        assert re.search(rf"^{re.escape(name)}\s+{re.escape(info.description)}", out, re.MULTILINE)
+    assert "default pipeline for reference: canonicalize," in out

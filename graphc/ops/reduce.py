@@ -19,7 +19,7 @@ REDUCE_DTYPES = FLOAT_DTYPES + ("i32", "i64", "u32", "u64")
 _BOOL = (0, 1)
 
 
-# -- ReduceSum / ReduceMean -------------------------------------------------------------------------
+# -- ReduceSum / ReduceMean ------------------------------------------------------------------------
 def reduced_axes(call: OpCall, axes: np.ndarray | None, rank: int) -> tuple | None:
     """Sorted axes to reduce, or None when the op is the identity.
 
