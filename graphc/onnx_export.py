@@ -20,7 +20,6 @@ from .types import TensorType
 
 DEFAULT_OPSET = 21
 IR_VERSION = 10  # the IR version of opset 21 (ONNX 1.16); ONNX Runtime 1.17+ reads it
-GRAPHC_ONLY_OPS = frozenset()  # ops that have no ONNX counterpart (added by later passes)
 
 
 def value_info(name: str, ttype: TensorType) -> onnx.ValueInfoProto:
@@ -45,7 +44,7 @@ def export_onnx(graph: Graph, path: os.PathLike | None = None,
             inputs.append(value_info(node.output, node.types[0]))
         elif node.op in CONSTANT_OPS:
             initializers.append(numpy_helper.from_array(node.attrs["value"], node.output))
-        elif node.op in GRAPHC_ONLY_OPS or not onnx.defs.has(node.op):
+        elif not onnx.defs.has(node.op):  # graphc-only ops (Winograd*, Fused*, ...)
             raise UnsupportedOpError(f"{node.op} node '{node.name}' has no ONNX equivalent; export "
                                      f"the graph before the passes that introduce it")
         else:

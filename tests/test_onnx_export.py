@@ -79,3 +79,12 @@ def test_random_graphs_export_to_onnxruntime(g):
         [2 if isinstance(d, str) else d for d in t.shape]).astype(np.float32)
     np.testing.assert_allclose(run_onnxruntime(model, {"x": x})[0],
                                graphc.interpret(g, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_graphc_only_ops_are_refused_by_name():
+    g = _cnn(batch=2)
+    fused = graphc.compile(g, conv="winograd-f2").graph
+    node = next(n for n in fused if n.op not in ("Input", "Constant") and not onnx.defs.has(n.op))
+    assert node.op.startswith("Winograd")
+    with pytest.raises(graphc.GraphcError, match=f"{node.op} node '{node.name}' has no ONNX"):
+        graphc.export_onnx(fused)
