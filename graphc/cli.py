@@ -137,9 +137,11 @@ def cmd_compile(args) -> int:
 def cmd_passes(args) -> int:
     from passes import DEFAULT_PIPELINES, all_passes
 
-    for name, info in all_passes().items():
+    registered = all_passes()
+    width = max(map(len, registered)) + 2
+    for name, info in registered.items():
         requires = f" (requires {', '.join(info.requires)})" if info.requires else ""
-        print(f"{name:<20}{info.description}{requires}")
+        print(f"{name:<{width}}{info.description}{requires}")
     for target, pipeline in DEFAULT_PIPELINES.items():
         print(f"default pipeline for {target}: {','.join(pipeline)}")
     return 0
