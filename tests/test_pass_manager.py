@@ -143,3 +143,17 @@ def test_to_dot_has_every_op_and_dataflow_edge():
     for node in g.nodes():
         assert f'"{node.name}"' in dot
     assert '"x" -> "relu"' in dot and '"x" -> "neg"' in dot
+
+
+def test_render_needs_graphviz_and_says_so(monkeypatch, tmp_path):
+    import shutil
+
+    from graphc import dot
+
+    g = _graph()
+    if shutil.which("dot"):
+        path = dot.render(g, str(tmp_path / "g.svg"))
+        assert open(path).read().lstrip().startswith(("<?xml", "<svg"))
+    monkeypatch.setattr(dot.shutil, "which", lambda name: None)
+    with pytest.raises(graphc.GraphcError, match="graphviz"):
+        dot.render(g, str(tmp_path / "g.svg"))
