@@ -6,16 +6,10 @@ import numpy as np
 
 import graphc
 from graphc import ops
-from passes import PassManager
 
+from .pass_testing import assert_same_outputs, assert_same_outputs_on, run_passes
 
-def _cse(g: graphc.Graph) -> graphc.Graph:
-    return PassManager(["cse"]).run(g)  # verifies; detects input mutation
-
-
-def _assert_same_outputs(a: graphc.Graph, b: graphc.Graph, feeds: dict) -> None:
-    for got, want in zip(graphc.interpret(a, feeds), graphc.interpret(b, feeds), strict=True):
-        np.testing.assert_array_equal(got, want)  # merging never changes a value
+# merging never changes a value: every check is bit for bit
 
 
 def test_duplicate_nodes_merge_into_the_first_and_merges_cascade():
@@ -28,9 +22,7 @@ def test_duplicate_nodes_merge_into_the_first_and_merges_cascade():
       %s = Add(%sa, %sb) : f32[N,3]
       return %s
     }""")
-    before = str(g)
-    out = _cse(g)
-    assert str(g) == before
+    out = run_passes(g, ["cse"])
     assert str(out) == str(graphc.Graph.parse("""
     graph t(%x: f32[N,3]) {
       %a = Relu(%x) : f32[N,3]
@@ -38,10 +30,8 @@ def test_duplicate_nodes_merge_into_the_first_and_merges_cascade():
       %s = Add(%sa, %sa) : f32[N,3]
       return %s
     }"""))
-    assert str(_cse(out)) == str(out)
-    rng = np.random.default_rng(0)
-    for batch in (1, 3):
-        _assert_same_outputs(out, g, {"x": rng.standard_normal((batch, 3)).astype(np.float32)})
+    assert str(run_passes(out, ["cse"])) == str(out)
+    assert_same_outputs(g, out, seed=np.random.default_rng(0))
 
 
 def test_constants_merge_only_when_dtype_shape_and_bytes_agree():
@@ -56,12 +46,12 @@ def test_constants_merge_only_when_dtype_shape_and_bytes_agree():
               "nan_copy": np.array([0.0, np.nan], np.float32)}       # the same NaN bits
     consts = {name: g.constant(a, name=name) for name, a in arrays.items()}
     g.output(*(ops.identity(c, name=f"id_{n}") for n, c in consts.items()), ops.relu(x))
-    out = _cse(g)
+    out = run_passes(g, ["cse"])
     readers = {n: out.producer(f"id_{n}").inputs[0] for n in arrays}
     assert readers == {"a": "a", "same_as_a": "a", "f64": "f64", "column": "column",
                        "zero": "zero", "minus_zero": "minus_zero", "nan_copy": "zero"}
     assert "same_as_a" not in out and "nan_copy" not in out
-    _assert_same_outputs(out, g, {"x": np.ones(2, np.float32)})
+    assert_same_outputs_on(g, out, {"x": np.ones(2, np.float32)})
 
 
 def test_large_equal_weights_merge_and_distinct_ones_of_one_shape_do_not():
@@ -71,9 +61,9 @@ def test_large_equal_weights_merge_and_distinct_ones_of_one_shape_do_not():
     x = g.input("x", (1, 4, 5, 5))
     convs = [ops.conv(x, w, None, pads=[1, 1, 1, 1]) for w in (w1, w2, w1.copy())]
     g.output(*convs)
-    out = _cse(g)
+    out = run_passes(g, ["cse"])
     assert out.op_histogram() == {"Constant": 2, "Conv": 2, "Identity": 1, "Input": 1}
-    _assert_same_outputs(out, g, {"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32)})
+    assert_same_outputs(g, out, batches=(1,), seed=rng)
 
 
 def test_attributes_compare_with_defaults_filled_in_and_arrays_by_value():
@@ -87,9 +77,9 @@ def test_attributes_compare_with_defaults_filled_in_and_arrays_by_value():
     c2 = ops.constant_of_shape(shape, value=np.array([7.0], np.float32), name="c2")
     c3 = ops.constant_of_shape(shape, value=np.array([8.0], np.float32), name="c3")
     g.output(ops.concat(f1, f2, axis=0), f3, ops.concat(c1, c2, c3, axis=0))
-    out = _cse(g)
+    out = run_passes(g, ["cse"])
     assert "f2" not in out and "f3" in out and "c2" not in out and "c3" in out
-    _assert_same_outputs(out, g, {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4)})
+    assert_same_outputs_on(g, out, {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4)})
 
 
 def test_commutative_ops_merge_in_either_operand_order_others_do_not():
@@ -105,11 +95,9 @@ def test_commutative_ops_merge_in_either_operand_order_others_do_not():
       %u2 = Sum(%m2, %s1, %s2) : f32[3]
       return %u1, %u2
     }""")
-    out = _cse(g)
+    out = run_passes(g, ["cse"])
     assert "a2" not in out and "m2" not in out and "s1" in out and "s2" in out
-    rng = np.random.default_rng(1)
-    _assert_same_outputs(out, g, {v: rng.standard_normal(3).astype(np.float32)
-                                  for v in ("x", "y")})
+    assert_same_outputs(g, out, batches=(1,), seed=1)
 
 
 def test_params_and_random_dropouts_are_never_merged():
@@ -122,7 +110,7 @@ def test_params_and_random_dropouts_are_never_merged():
     d1 = ops.dropout(x, ratio, mode, name="d1")
     d2 = ops.dropout(x, ratio, mode, name="d2")
     g.output(d1 * p1, d2 * p2)
-    out = _cse(g)
+    out = run_passes(g, ["cse"])
     assert str(out) == str(g)
 
 
@@ -130,9 +118,9 @@ def test_duplicates_that_are_graph_outputs_keep_their_names_as_identities():
     g = graphc.Graph("outs")
     x = g.input("x", (3,))
     g.output(ops.relu(x, name="first"), ops.relu(x, name="second"), ops.relu(x, name="third"))
-    out = _cse(g)
+    out = run_passes(g, ["cse"])
     assert out.outputs == ["first", "second", "third"]
     assert [out.producer(v).op for v in out.outputs] == ["Relu", "Identity", "Identity"]
     assert out.producer("third").inputs == ("first",)
-    assert str(_cse(out)) == str(out)
-    _assert_same_outputs(out, g, {"x": np.array([-1, 0, 2], np.float32)})
+    assert str(run_passes(out, ["cse"])) == str(out)
+    assert_same_outputs_on(g, out, {"x": np.array([-1, 0, 2], np.float32)})

@@ -14,8 +14,10 @@ import graphc
 from graphc import ops
 from graphc.errors import ShapeError
 from graphc.flops import flops_by_node
-from passes import PassManager, PassOptions, all_passes
+from passes import PassOptions, all_passes
 from passes.lower_conv import lower_conv
+
+from .pass_testing import assert_same_outputs, random_feeds, run_passes
 
 RTOL = ATOL = 1e-5
 BATCHES = (1, 3)
@@ -39,24 +41,8 @@ def conv_graph(channels, spatial, w_shape, bias=True, op="Conv", residual=False,
     return g
 
 
-def random_feeds(g, batch, seed=0):
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name in g.inputs:
-        shape = tuple(batch if d == "N" else d for d in g.type_of(name).shape)
-        feeds[name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
-
-
 def lower(g, **options):
-    return PassManager(["lower-conv"], PassOptions(**options)).run(g)
-
-
-def assert_same_outputs(before, after, batches=BATCHES):
-    for batch in batches:
-        feeds = random_feeds(before, batch)
-        for want, got in zip(graphc.interpret(before, feeds), graphc.interpret(after, feeds)):
-            np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    return run_passes(g, ["lower-conv"], PassOptions(**options))
 
 
 def op_counts(g):
@@ -114,10 +100,10 @@ def test_weight_reshape_folds_to_a_constant():
     assert all(low.constant_value(v) is not None for v in reshape.inputs)
     if "fold-constants" not in all_passes():
         pytest.skip("fold-constants is not registered yet")
-    folded = PassManager(["lower-conv", "fold-constants"], PassOptions(conv="im2col")).run(g)
+    folded = run_passes(g, ["lower-conv", "fold-constants"], PassOptions(conv="im2col"))
     w2 = folded.node("y").inputs[0]
     assert folded.producer(w2).op == "Constant"
-    assert_same_outputs(g, folded)
+    assert_same_outputs(g, folded, batches=BATCHES, rtol=RTOL, atol=ATOL)
 
 
 def test_fused_conv_epilogue_moves_into_conv_gemm():
@@ -137,7 +123,7 @@ def test_lowered_ir_prints_and_parses_back():
     parsed = graphc.Graph.parse(str(low), low.constant_arrays())
     graphc.verify(parsed)
     assert parsed.op_histogram() == low.op_histogram()
-    assert_same_outputs(low, parsed, batches=(2,))
+    assert_same_outputs(low, parsed, batches=(2,), rtol=RTOL, atol=ATOL)
 
 
 def test_flop_count_is_the_conv_count():
@@ -183,7 +169,7 @@ def test_lowered_conv_matches_conv(case, bias):
     g = conv_graph(channels, spatial, w_shape, bias=bias, **attrs)
     low = lower(g, conv="im2col")
     assert "Conv" not in low.op_histogram() and low.op_histogram()["ConvGemm"] == 1
-    assert_same_outputs(g, low)
+    assert_same_outputs(g, low, batches=BATCHES, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("activation, params", [("relu", ()), ("leaky_relu", (0.1,)),
@@ -195,7 +181,7 @@ def test_lowered_fused_conv_matches(case, activation, params):
                    activation=activation, activation_params=params, **attrs)
     low = lower(g, conv="im2col")
     assert op_counts(low).get("FusedConv") is None
-    assert_same_outputs(g, low)
+    assert_same_outputs(g, low, batches=BATCHES, rtol=RTOL, atol=ATOL)
 
 
 def test_fused_conv_with_residual_and_no_bias():
@@ -203,7 +189,7 @@ def test_fused_conv_with_residual_and_no_bias():
                    pads=[1, 1, 1, 1], activation="relu")
     low = lower(g, conv="im2col")
     assert low.node("y").inputs[2] is None and low.node("y").inputs[3] == "z"
-    assert_same_outputs(g, low)
+    assert_same_outputs(g, low, batches=BATCHES, rtol=RTOL, atol=ATOL)
 
 
 def test_run_time_weights_are_reshaped_at_run_time():
@@ -213,7 +199,7 @@ def test_run_time_weights_are_reshaped_at_run_time():
     g.output(ops.conv(x, w, group=2, strides=[2, 2], name="y"))
     low = lower(g, conv="im2col")
     assert low.node("y_w2").inputs[0] == "w"
-    assert_same_outputs(g, low)
+    assert_same_outputs(g, low, batches=BATCHES, rtol=RTOL, atol=ATOL)
 
 
 def test_f64_conv():
@@ -261,7 +247,7 @@ def test_per_node_overrides():
     assert low.node("a").op == "Conv" and low.node("b").op == "ConvGemm"
     low = lower(g, conv="direct", conv_per_node={"a": "im2col"})
     assert low.node("a").op == "ConvGemm" and low.node("b").op == "Conv"
-    assert_same_outputs(g, low)
+    assert_same_outputs(g, low, batches=BATCHES, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("conv", ["winograd-f2", "winograd-f4"])

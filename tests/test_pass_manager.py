@@ -152,8 +152,8 @@ def test_render_needs_graphviz_and_says_so(monkeypatch, tmp_path):
 
     g = _graph()
     if shutil.which("dot"):
-        path = dot.render(g, str(tmp_path / "g.svg"))
-        assert open(path).read().lstrip().startswith(("<?xml", "<svg"))
+        dot.render(g, str(tmp_path / "g.svg"))
+        assert (tmp_path / "g.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
     monkeypatch.setattr(dot.shutil, "which", lambda name: None)
     with pytest.raises(graphc.GraphcError, match="graphviz"):
         dot.render(g, str(tmp_path / "g.svg"))

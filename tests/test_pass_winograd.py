@@ -17,9 +17,11 @@ import pytest
 import graphc
 from graphc import ops
 from graphc.flops import node_flops
-from passes import PassError, PassManager, PassOptions, all_passes
+from passes import PassError, PassOptions, all_passes
 from passes.conv_algorithm import choose_conv_algorithm
 from passes.winograd import winograd
+
+from .pass_testing import random_feeds, run_passes
 
 TOL = {2: 1e-5, 4: 1e-4}
 ALGORITHM = {2: "winograd-f2", 4: "winograd-f4"}
@@ -60,20 +62,11 @@ def _out_size(g, x, w, group, conv_attrs):
     return g.infer("Conv", "probe", [x.name, w.name], attrs)[0].shape[2:]
 
 
-def feeds_for(g, batch, seed=1):
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name in g.inputs:
-        t = g.type_of(name)
-        shape = [batch if isinstance(d, str) else d for d in t.shape]
-        feeds[name] = rng.standard_normal(shape).astype(t.np_dtype)
-    return feeds
-
-
-def assert_same_outputs(before, after, m, batches=(1, 3)):
+def assert_within_winograd_bound(before, after, m, batches=(1, 3)):
+    """The module docstring's bound: max |after - before| <= TOL[m] * max |before|."""
     static = before.type_of(before.inputs[0]).shape[0]
     for batch in [static] if isinstance(static, int) else batches:
-        feeds = feeds_for(before, batch)
+        feeds = random_feeds(before, batch, seed=1)
         for got, want in zip(graphc.interpret(after, feeds), graphc.interpret(before, feeds)):
             assert got.shape == want.shape and got.dtype == want.dtype
             tol = 1e-12 if want.dtype == np.float64 else TOL[m]
@@ -82,7 +75,7 @@ def assert_same_outputs(before, after, m, batches=(1, 3)):
 
 def rewrite(g, m=None, **options):
     conv = ALGORITHM[m] if m else "auto"
-    return PassManager(PIPELINE, PassOptions(conv=conv, **options)).run(g)
+    return run_passes(g, PIPELINE, PassOptions(conv=conv, **options))
 
 
 def op_counts(g):
@@ -129,7 +122,7 @@ def test_rewrite_matches_the_conv(case, m):
     assert y.attrs["m"] == m
     assert y.attrs["tiles"] == (math.ceil(oh / m), math.ceil(ow / m))
     assert out.node("y_V").attrs["tiles"] == y.attrs["tiles"]
-    assert_same_outputs(g, out, m)
+    assert_within_winograd_bound(g, out, m)
 
 
 def test_ir_text_of_a_fused_conv_rewrite():
@@ -169,10 +162,10 @@ def test_auto_picks_f4_for_a_wide_conv_and_f2_when_weights_change_at_run_time():
 @pytest.mark.skipif("fold-constants" not in all_passes(), reason="fold-constants not written")
 def test_fold_constants_computes_the_filter_transform():
     g = conv_graph(1, 8, 8, (6, 6), pads=[1, 1, 1, 1])
-    out = PassManager(["winograd", "fold-constants"], PassOptions(conv="winograd-f4")).run(g)
+    out = run_passes(g, ["winograd", "fold-constants"], PassOptions(conv="winograd-f4"))
     assert "WinogradFilterTransform" not in out.op_histogram()
     assert out.producer(out.node("y_M").inputs[1]).op == "Constant"
-    assert_same_outputs(g, out, 4)
+    assert_within_winograd_bound(g, out, 4)
 
 
 # -- left alone ----------------------------------------------------------------------------------
@@ -196,7 +189,7 @@ LEFT_ALONE = {
 @pytest.mark.parametrize("conv", ["auto", "winograd-f2", "winograd-f4"])
 def test_convs_winograd_cannot_compute_are_left_alone(case, conv):
     g = LEFT_ALONE[case]()
-    assert str(PassManager(PIPELINE, PassOptions(conv=conv)).run(g)) == str(g)
+    assert str(run_passes(g, PIPELINE, PassOptions(conv=conv))) == str(g)
 
 
 def test_other_kernel_sizes_are_left_alone():
@@ -210,7 +203,7 @@ def test_other_kernel_sizes_are_left_alone():
 @pytest.mark.parametrize("conv", ["im2col", "direct"])
 def test_other_algorithms_leave_eligible_convs_alone(conv):
     g = conv_graph(1, 16, 16, (9, 9), pads=[1, 1, 1, 1])
-    assert str(PassManager(PIPELINE, PassOptions(conv=conv)).run(g)) == str(g)
+    assert str(run_passes(g, PIPELINE, PassOptions(conv=conv))) == str(g)
 
 
 def test_auto_leaves_rgb_input_layers_to_im2col():
@@ -222,7 +215,7 @@ def test_per_node_winograd_on_a_strided_conv_is_an_error():
     g = conv_graph(1, 8, 8, (7, 7), strides=[2, 2], pads=[1, 1, 1, 1])
     options = PassOptions(conv_per_node={"y": "winograd-f4"})
     with pytest.raises(PassError, match="in pass 'winograd'.*stride 1"):
-        PassManager(["winograd"], options).run(g)
+        run_passes(g, ["winograd"], options)
 
 
 # -- pass properties -----------------------------------------------------------------------------
@@ -245,7 +238,7 @@ def test_every_conv_of_a_stack_is_rewritten():
     g.output(b, a)
     out = rewrite(g, 2)
     assert out.op_histogram()["WinogradOutput"] == 2 and "Conv" not in out.op_histogram()
-    assert_same_outputs(g, out, 2)
+    assert_within_winograd_bound(g, out, 2)
 
 
 # -- the ops: shape rules and FLOP rules ---------------------------------------------------------
