@@ -75,6 +75,27 @@ class BoundKernel:
         return f"{self.kernel}\n// bound: {binding}"
 
 
+@dataclass(frozen=True)
+class BoundFunction:
+    """A lowering that is generated LLVM code rather than kernel IR (e.g. the packed SGEMM).
+
+    ``emit(module, symbol)`` adds ``void symbol(T* ..., i32 thread_id, i32 n_threads)`` to
+    ``module``; its pointer parameters are bound, in order, to ``values``: graph values, or names
+    of ``constants`` -- arrays prepared at compile time (packed weights), which the compiled model
+    keeps alive. ``text`` describes the call for ``emit="kernel"`` dumps.
+    """
+
+    name: str
+    emit: Callable
+    values: tuple
+    constants: Mapping = field(default_factory=dict)
+    text: str = ""
+
+    def __str__(self) -> str:
+        binding = ", ".join(f"%{v}" for v in self.values)
+        return f"// {self.name}: {self.text}\n// bound: {binding}"
+
+
 class LoweringError(UnsupportedOpError):
     """A node the kernel lowering cannot express (the message names the node and why)."""
 

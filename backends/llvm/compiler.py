@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from llvmlite import ir
 
-from backends.lower import lower_node
+from backends.lower import BoundFunction, lower_node
 from backends.memory_plan import MemoryPlan, plan_memory
 from graphc.errors import FeedError
 from graphc.interp import check_feeds
@@ -47,7 +47,7 @@ class Specialisation:
 
     dims: dict
     plan: MemoryPlan
-    kernels: list                 # BoundKernel, in execution order
+    kernels: list                 # BoundKernel / BoundFunction, in execution order
     module: object                # backends.llvm.target.CompiledModule
     runner: ThreadedRunner
     slots: list[str]              # table slot -> value name
@@ -92,15 +92,21 @@ def build_specialisation(graph: Graph, dims: Mapping[str, int], threads: int) ->
         return slot_of[value]
 
     calls, kernels = [], []
+    extra: dict[str, np.ndarray] = {}  # compile-time arrays of BoundFunctions (packed weights)
     for name in plan.order:
         node = graph.node(name)
         if node.op == INPUT or node.op in CONSTANT_OPS:
             continue
         if all(o is None or plan[o].reuse == "view" for o in node.outputs):
             continue  # a view: its bytes are already where the plan says
-        for i, bound in enumerate(lower_node(graph, node, dims)):
-            symbol = f"graphc_g{serial}_{len(kernels)}_{bound.kernel.name}"
-            fn = emit_kernel(module, bound.kernel, symbol)
+        for bound in lower_node(graph, node, dims):
+            if isinstance(bound, BoundFunction):
+                symbol = f"graphc_g{serial}_{len(kernels)}_{bound.name}"
+                fn = bound.emit(module, symbol)
+                extra.update(bound.constants)
+            else:
+                symbol = f"graphc_g{serial}_{len(kernels)}_{bound.kernel.name}"
+                fn = emit_kernel(module, bound.kernel, symbol)
             calls.append(KernelCall(fn, tuple(slot(v) for v in bound.values)))
             kernels.append(bound)
     entry = build_entry(module, calls, name=f"graphc_g{serial}_entry")
@@ -110,7 +116,11 @@ def build_specialisation(graph: Graph, dims: Mapping[str, int], threads: int) ->
     # the table holds raw addresses: the arrays they point into live as long as the model
     constants = {k: np.ascontiguousarray(v) for k, v in graph.constant_arrays().items()}
     external: dict[str, list[int]] = {}
+    constants.update({k: np.ascontiguousarray(v) for k, v in extra.items()})
     for i, value in enumerate(slots):
+        if value in extra:
+            table[i] = constants[value].ctypes.data
+            continue
         p = plan[value]
         if p.storage == "arena":
             table[i] = arena.ctypes.data + p.offset
