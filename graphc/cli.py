@@ -117,11 +117,11 @@ def cmd_compile(args) -> int:
     out = sys.stdout
     model = compile_graph(graph, target=args.target, conv=conv, passes=args.passes,
                           print_after=args.print_after or (), print_after_all=args.print_after_all,
-                          dump_dir=args.dump_dir, out=out)
-    if args.emit == "ir":
-        print(model.graph, file=out)
-    elif args.emit == "dot":
+                          dump_dir=args.dump_dir, out=out, threads=args.threads)
+    if args.emit == "dot":
         print(model.graph.to_dot(), file=out)
+    elif args.emit:
+        print(model.emit(args.emit, dims=dict(_symbol_dims(graph, args))), file=out)
     before, after = graph.op_histogram(), model.graph.op_histogram()
     print(f"compiled '{graph.name}' for target {args.target}: {len(graph)} -> "
           f"{len(model.graph)} nodes; pipeline {','.join(model.pipeline)}", file=out)
@@ -132,6 +132,14 @@ def cmd_compile(args) -> int:
     if args.timing:
         print(model.timing_report(), file=out)
     return 0
+
+
+def _symbol_dims(graph, args):
+    """Symbolic dims set to 1 unless --input-shape fixed them (for --emit of code stages)."""
+    for v in graph.inputs:
+        for d in graph.type_of(v).shape:
+            if isinstance(d, str):
+                yield d, 1
 
 
 def cmd_passes(args) -> int:
@@ -180,8 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Import MODEL, run the target's pass pipeline and report "
                                       "what each pass did.")
     add_model(comp)
-    comp.add_argument("--target", default="reference", help="compilation target (default: "
-                      "reference = the optimised graph on the interpreter)")
+    comp.add_argument("--target", default="reference", choices=("reference", "cpu"),
+                      help="reference: the optimised graph on the interpreter (default); cpu: "
+                           "generated LLVM code")
+    comp.add_argument("--threads", type=int, help="threads for target cpu (default: "
+                      "GRAPHC_NUM_THREADS or all cores)")
     comp.add_argument("--conv", default="auto", choices=CONV_ALGORITHMS,
                       help="convolution algorithm for every Conv (default: auto = cost rule)")
     comp.add_argument("--conv-node", action="append", type=_conv_node_arg, metavar="NODE=ALGO",
@@ -193,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--dump-dir", metavar="DIR",
                       help="write the IR before and after each pass as DIR/NN-<pass>.ir")
     comp.add_argument("--timing", action="store_true", help="print the time of each pass")
-    comp.add_argument("--emit", choices=("ir", "dot"), help="print the optimised graph as IR "
-                      "text or Graphviz DOT")
+    comp.add_argument("--emit", choices=("ir", "dot", "kernel", "llvm", "llvm-opt", "asm"),
+                      help="print a stage: the optimised graph as IR text or Graphviz DOT; for "
+                           "--target cpu the loop-level kernels, LLVM IR (before/after O3) or "
+                           "assembly (symbolic dims = 1 unless --input-shape fixes them)")
     comp.set_defaults(func=cmd_compile)
 
     passes_cmd = sub.add_parser("passes", help="list the passes and default pipelines",

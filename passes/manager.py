@@ -112,10 +112,9 @@ def parse_pipeline(pipeline: str | Iterable[str]) -> list[str]:
 
 # The default pipeline of each target. Inference pipelines fold everything they can at compile
 # time, pick a convolution algorithm per Conv, then fuse epilogues and elementwise chains.
-DEFAULT_PIPELINES: dict[str, list[str]] = {
-    "reference": ["canonicalize", "fold-constants", "fold-batchnorm", "winograd", "lower-conv",
-                  "fuse-epilogue", "fuse-elementwise", "fold-constants", "cse", "dce"],
-}
+_INFERENCE = ["canonicalize", "fold-constants", "fold-batchnorm", "winograd", "lower-conv",
+              "fuse-epilogue", "fuse-elementwise", "fold-constants", "cse", "dce"]
+DEFAULT_PIPELINES: dict[str, list[str]] = {"reference": list(_INFERENCE), "cpu": list(_INFERENCE)}
 
 
 def default_pipeline(target: str) -> list[str]:

@@ -153,6 +153,17 @@ class CpuModel:
                 self._specs[key] = build_specialisation(self.graph, dims, self.threads)
             return self._specs[key]
 
+    def check_dims(self, dims: Mapping[str, int]) -> dict:
+        """``dims`` for every symbolic dim of the inputs (a single-specialisation model may omit
+        them: its one binding is used)."""
+        missing = [d for d in self._symbols if d not in dims]
+        if missing and len(self._specs) == 1:
+            return dict(next(iter(self._specs.values())).dims)
+        if missing:
+            raise FeedError(f"symbolic dims {', '.join(sorted(set(missing)))} need values to "
+                            f"generate code (e.g. dims={{'{missing[0]}': 1}})")
+        return {d: int(dims[d]) for d in self._symbols}
+
     def _dims_of(self, feeds: dict) -> dict:
         dims: dict = {}
         for v in self.graph.inputs:
