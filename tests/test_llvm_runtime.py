@@ -10,15 +10,22 @@ import pytest
 from llvmlite import ir
 
 from backends.llvm import host_target
-from backends.llvm.runtime import (I32, KernelCall, RuntimeConfigError, ThreadedRunner,
-                                   available_cores, build_entry, default_threads)
+from backends.llvm.runtime import (
+    I32,
+    KernelCall,
+    RuntimeConfigError,
+    ThreadedRunner,
+    available_cores,
+    build_entry,
+    default_threads,
+)
 
 F32P = ir.FloatType().as_pointer()
 _names = itertools.count()
 
 
 def _split_loop(fn, n: int, body):
-    """for i in [tid*chunk, min(n, (tid+1)*chunk)): body(builder, i) -- the kernels' thread split."""
+    """for i in [tid*chunk, min(n, (tid+1)*chunk)): body(builder, i) -- the thread split."""
     *_, tid, nthreads = fn.args
     entry, loop, step, done = (fn.append_basic_block(x) for x in ("entry", "loop", "step", "done"))
     b = ir.IRBuilder(entry)
