@@ -19,6 +19,7 @@ from graphc.errors import FeedError
 from graphc.ir import CONSTANT_OPS, INPUT
 
 from . import test_onnx_conformance as conformance
+from .pass_testing import random_feeds
 
 
 def _graph():
@@ -34,10 +35,7 @@ def _graph():
 
 
 def _feeds(g, batch, seed=0):
-    rng = np.random.default_rng(seed)
-    return {v: rng.standard_normal([batch if isinstance(d, str) else d
-                                    for d in g.type_of(v).shape]).astype(np.float32)
-            for v in g.inputs}
+    return random_feeds(g, batch, seed)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -22,15 +22,8 @@ PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in l
 
 @pytest.mark.parametrize("name", PARAMS)
 def test_light_model_on_the_cpu_matches_onnxruntime(name):
-    ort = pytest.importorskip("onnxruntime")
-    proto = light.with_random_weights(light._load(name))
-    graph = graphc.import_onnx(proto)
-    feeds = light._random_feeds(graph, seed=1)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    want = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
-    got = graphc.compile(graph, target="cpu", threads=2).run(feeds)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=5e-3, atol=1e-5)
+    light.assert_matches_onnxruntime(
+        name, lambda graph: graphc.compile(graph, target="cpu", threads=2).run, rtol=5e-3)
 
 
 @pytest.mark.parametrize("conv", ["im2col", "winograd-f2", "winograd-f4"])

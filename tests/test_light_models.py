@@ -86,16 +86,22 @@ def with_random_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProt
     return model
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_light_model_with_random_weights_matches_onnxruntime(name):
+def assert_matches_onnxruntime(name: str, compile_model, rtol: float) -> None:
+    """Model ``name`` with random weights: ``compile_model(graph)`` (a function of feeds ->
+    outputs) against ONNX Runtime on the same weights and inputs."""
     ort = pytest.importorskip("onnxruntime")
     model = with_random_weights(_load(name))
     graph = graphc.import_onnx(model)
     feeds = _random_feeds(graph, seed=1)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    onnx_feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
-    want = session.run(None, onnx_feeds)
-    got = graphc.interpret(graph, feeds)
-    for g, w in zip(got, want):
+    want = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+    got = compile_model(graph)(feeds)
+    for g, w in zip(got, want, strict=True):
         assert np.ptp(w) > 0, "random weights must make the output vary (else it tests little)"
-        np.testing.assert_allclose(g, w, rtol=2e-3, atol=1e-5)
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_light_model_with_random_weights_matches_onnxruntime(name):
+    assert_matches_onnxruntime(name, lambda graph: lambda feeds: graphc.interpret(graph, feeds),
+                               rtol=2e-3)

@@ -19,6 +19,7 @@ from graphc import ops
 
 from . import test_light_models as light
 from . import test_onnx_conformance as conformance
+from .pass_testing import random_feeds
 from .test_ir import random_graph
 
 # float32 results of reassociated sums (Winograd F4, folded BatchNorm) vs the reference:
@@ -68,10 +69,7 @@ def cnn_graph(draw):
 
 
 def _feeds(g, seed, batch=2):
-    rng = np.random.default_rng(seed)
-    return {v: rng.standard_normal([batch if isinstance(d, str) else d
-                                    for d in g.type_of(v).shape]).astype(np.float32)
-            for v in g.inputs}
+    return random_feeds(g, batch, seed)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -135,12 +133,4 @@ def test_light_model_through_the_pipeline(name):
 
 @pytest.mark.parametrize("name", light.MODELS)
 def test_light_model_with_random_weights_through_the_pipeline(name):
-    ort = pytest.importorskip("onnxruntime")
-    proto = light.with_random_weights(light._load(name))
-    graph = graphc.import_onnx(proto)
-    feeds = light._random_feeds(graph, seed=1)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    want = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
-    got = graphc.compile(graph).run(feeds)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=5e-3, atol=1e-5)
+    light.assert_matches_onnxruntime(name, lambda graph: graphc.compile(graph).run, rtol=5e-3)
