@@ -24,97 +24,22 @@ Rules (``RULES``, keyed by the op they match at; each returns True when it rewro
 
 Graph outputs keep their names: a removed node whose value is a graph output becomes
 ``Identity(source)`` (and such Identities stay). Rewritten nodes keep their name and position;
-the nodes a rewrite leaves unread go at once. ``substitute`` and ``redirect_readers`` are the
-rewriting helpers the other passes share.
+the nodes a rewrite leaves unread go at once. The rewriting helpers live in ``rewrite.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import numpy as np
 
-from graphc.errors import GraphcError
 from graphc.ir import Graph, Node
-from graphc.types import TensorType
 
 from .dce import remove_dead
 from .manager import PassOptions, register_pass
+from .rewrite import forward, retarget, substitute
 
 RESHAPE_LIKE = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # same elements, same order
-
-
-# -- rewriting helpers (shared with the other passes) ----------------------------------------------
-def redirect_readers(g: Graph, old: str, new: str) -> None:
-    """Make every node that reads ``old`` read ``new`` (graph outputs are left as they are)."""
-    for node in g.consumers(old):
-        g.replace_node(node.name, inputs=tuple(new if v == old else v for v in node.inputs))
-
-
-def substitute(g: Graph, node: Node, subs: Mapping[str, str | np.ndarray]) -> None:
-    """Remove ``node`` (in place); each result ``o`` becomes ``subs[o]``: another value of the
-    same type (its readers read that) or an array (a Constant named ``o``).
-
-    A result that is a graph output keeps its name (``Identity(value)`` or the Constant takes
-    it over); results missing from ``subs`` must be unused.
-    """
-    if len(node.outputs) == 1 and node.output in subs:
-        _substitute_single(g, node, subs[node.output])
-        return
-    graph_outputs = list(g.outputs)
-    temporaries = {}  # result -> constant standing in while the node is removed
-    for o in node.outputs:
-        if o is None or o not in subs:
-            continue
-        new = subs[o]
-        if not isinstance(new, str):
-            new = temporaries[o] = g.add_constant(np.asarray(new), g.fresh_name(o))
-        redirect_readers(g, o, new)
-        g.outputs = [new if v == o else v for v in g.outputs]
-    g.remove_node(node.name)
-    for o, temp in temporaries.items():
-        g.add_node("Constant", (), {"value": g.constant_value(temp)}, outputs=(o,))
-        redirect_readers(g, temp, o)
-    for o in node.outputs:
-        if o in graph_outputs and isinstance(subs.get(o), str):
-            g.add_node("Identity", (subs[o],), outputs=(o,))
-    g.outputs = graph_outputs
-    for temp in temporaries.values():
-        g.remove_node(temp)
-
-
-def _substitute_single(g: Graph, node: Node, new: str | np.ndarray) -> None:
-    if not isinstance(new, str):
-        array = np.asarray(new)
-        g.replace_node(node.name, op="Constant", inputs=(), attrs={"value": array},
-                       types=(TensorType.of(array),))
-        return
-    assert g.type_of(new) == node.types[0], (node.name, new)
-    redirect_readers(g, node.output, new)
-    if node.output in g.outputs:
-        g.replace_node(node.name, op="Identity", inputs=(new,), attrs={})
-    else:
-        g.remove_node(node.name)
-
-
-def retarget(g: Graph, node: Node, op: str, inputs: tuple, attrs: dict) -> bool:
-    """Turn ``node`` (in place, keeping its name and results) into ``op(inputs)`` if that
-    infers the same result types; False (and nothing changed) otherwise."""
-    try:
-        types = g.infer(op, node.name, inputs, attrs, len(node.outputs))
-    except GraphcError:
-        return False
-    if tuple(types) != node.types:
-        return False
-    g.replace_node(node.name, op=op, inputs=tuple(inputs), attrs=attrs)
-    return True
-
-
-def forward(g: Graph, node: Node, value: str) -> bool:
-    """Readers of ``node``'s one result read ``value`` instead; the node goes (see
-    ``substitute``)."""
-    substitute(g, node, {node.output: value})
-    return True
 
 
 def dropout_is_identity(g: Graph, node: Node) -> bool:

@@ -28,9 +28,9 @@ import numpy as np
 from graphc.ir import INPUT, Graph, Node
 from graphc.ops import registry
 
-from .canonicalize import substitute
 from .fold_constants import is_random
 from .manager import PassOptions, register_pass
+from .rewrite import substitute
 
 COMMUTATIVE = ("Add", "Mul", "Max", "Min")  # exact in any operand order (Sum/Mean reassociate)
 

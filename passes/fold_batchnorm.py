@@ -42,9 +42,9 @@ from graphc.ops import registry
 from graphc.ops.convolution import conv_window
 from graphc.types import FLOAT_DTYPES
 
-from .canonicalize import forward
 from .dce import remove_dead
 from .manager import PassOptions, register_pass
+from .rewrite import forward
 
 HOSTS = ("Conv", "Gemm")
 BATCH_NORM = "BatchNormalization"

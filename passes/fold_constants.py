@@ -24,9 +24,10 @@ import numpy as np
 from graphc.interp import run_node
 from graphc.ir import CONSTANT_OPS, INPUT, Graph, Node
 
-from .canonicalize import dropout_is_identity, substitute
+from .canonicalize import dropout_is_identity
 from .dce import remove_dead
 from .manager import PassOptions, register_pass
+from .rewrite import substitute
 
 
 def is_random(g: Graph, node: Node) -> bool:

@@ -51,8 +51,8 @@ from graphc.ops.fused_expression import (
     to_text,
 )
 from graphc.types import FLOAT_DTYPES
-from passes.fuse_epilogue import remove_unused_constants, replace_with_node
 from passes.manager import PassOptions, register_pass
+from passes.rewrite import remove_unused_constants, replace_with_node
 
 FUSED = "FusedElementwise"
 FUSABLE_KINDS = ("elementwise", "broadcast")

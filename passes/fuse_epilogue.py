@@ -42,7 +42,7 @@ value must have one use and not be a graph output.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -53,6 +53,7 @@ from graphc.ops import registry
 from graphc.ops.epilogue import activation_of
 from graphc.types import FLOAT_DTYPES, TensorType
 from passes.manager import PassOptions, register_pass
+from passes.rewrite import remove_unused_constants, replace_with_node
 
 # Ops that become an epilogue op when something folds into them.
 TO_EPILOGUE_OP = {"Conv": "FusedConv", "Gemm": "FusedGemm", "MatMul": "FusedGemm"}
@@ -209,32 +210,3 @@ def _bias_value(g: Graph, plan: Epilogue) -> str:
     if plan.bias_array.shape == g.type_of(plan.bias).shape:
         return plan.bias
     return g.add_constant(plan.bias_array, g.fresh_name(f"{plan.bias}_bias"))
-
-
-def replace_with_node(g: Graph, root: Node, others: Sequence[Node], op: str,
-                      inputs: Sequence[str | None], attrs: dict) -> None:
-    """Turn ``root`` into ``op(inputs) {attrs}`` in place (same name, output and position) and
-    remove ``others``, whose values only ``root`` and each other read."""
-    inputs = list(inputs)
-    while inputs and inputs[-1] is None:
-        inputs.pop()
-    attrs = registry.get(op, root.name).normalize_attrs(root.name, attrs)
-    types = tuple(g.infer(op, root.name, inputs, attrs, len(root.outputs)))
-    # a rule that changed the value's type would be a bug, not a fusion
-    assert types == root.types, (root.name, types, root.types)
-    g.replace_node(root.name, op=op, inputs=tuple(inputs), attrs=attrs, types=types)
-    pending = list(others)
-    while pending:  # readers first: a node goes once nothing reads its value
-        free = [n for n in pending if not any(g.uses(o) for o in n.outputs if o is not None)]
-        assert free, f"nodes {[n.name for n in pending]} are still read outside the fusion"
-        for node in free:
-            g.remove_node(node.name)
-            pending.remove(node)
-
-
-def remove_unused_constants(g: Graph, values: Iterable[str]) -> None:
-    """Drop the Constant nodes of ``values`` that a fusion left without readers (Params stay:
-    they are trainable state)."""
-    for v in dict.fromkeys(values):
-        if v in g and g.producer(v).op == "Constant" and g.uses(v) == 0:
-            g.remove_node(g.producer(v).name)
