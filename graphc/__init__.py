@@ -1,7 +1,8 @@
 """graphc: a compiler-style graph library for neural networks.
 
 Public API: ``Graph``, ``interpret``, ``import_onnx``, ``export_onnx``, ``GraphcError``, ``ops``
-(the builder), ``verify``, ``TensorType``.
+(the builder), ``verify``, ``TensorType``, ``compile``; ``grad`` (autodiff), ``nn``, ``optim`` and
+``kfold`` (training) load on first use.
 """
 
 from __future__ import annotations
@@ -35,6 +36,22 @@ def export_onnx(graph: Graph, path=None, opset: int | None = None):
     return _export(graph, path, opset=opset)
 
 
+_LAZY = {"grad": ("autodiff", "grad"), "kfold": ("training", "kfold"),
+         "nn": ("nn", None), "optim": ("optim", None)}
+
+
+def __getattr__(name: str):
+    """``graphc.grad``, ``graphc.kfold``, ``graphc.nn`` and ``graphc.optim`` import on first use,
+    so that ``import graphc`` stays light."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'graphc' has no attribute '{name}'")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(f".{module_name}", __name__)
+    return module if attr is None else getattr(module, attr)
+
+
 __all__ = [
     "CompiledModel",
     "Graph",
@@ -44,8 +61,12 @@ __all__ = [
     "Value",
     "compile",
     "export_onnx",
+    "grad",
     "import_onnx",
     "interpret",
+    "kfold",
+    "nn",
     "ops",
+    "optim",
     "verify",
 ]
