@@ -31,7 +31,7 @@ MAX_TESTED_OPSET = 21
 FOLD_LIMIT = 4096  # fold float results up to this many elements (integer results always fold)
 
 
-def import_onnx(model: str | os.PathLike | onnx.ModelProto,
+def import_onnx(model: str | os.PathLike | bytes | onnx.ModelProto,
                 input_shapes: dict | None = None, input_values: dict | None = None) -> Graph:
     """Import ``model`` as a verified graph.
 
@@ -50,8 +50,10 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto,
 def load_model(model) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
         return model, f"model '{model.graph.name or '<unnamed>'}'"
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return _parse_bytes(bytes(model)), "model bytes"
     if not isinstance(model, (str, os.PathLike)):
-        raise ModelFileError(f"import_onnx takes a path or an onnx.ModelProto, got "
+        raise ModelFileError(f"import_onnx takes a path, bytes or an onnx.ModelProto, got "
                              f"{type(model).__name__}")
     path = os.fspath(model)
     if not os.path.isfile(path):
@@ -68,6 +70,19 @@ def load_model(model) -> tuple[onnx.ModelProto, str]:
                              f" truncated or another format?)")
     _load_external_data(proto, path)
     return proto, f"'{path}'"
+
+
+def _parse_bytes(data: bytes) -> onnx.ModelProto:
+    """A serialised model held in memory (e.g. from ``torch.onnx.export`` into a BytesIO)."""
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"model bytes are not a valid ONNX model: {exc}") from None
+    if proto.ir_version == 0 or not proto.HasField("graph") or not proto.graph.output:
+        raise ModelFileError("model bytes are not an ONNX model (no IR version or no graph "
+                             "outputs)")
+    return proto
 
 
 def _load_external_data(proto: onnx.ModelProto, path: str) -> None:

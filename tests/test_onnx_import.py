@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphc
+from graphc import ops
 from graphc.errors import ShapeError
 
 from .oracle import run_onnxruntime
@@ -123,3 +124,15 @@ def test_import_of_a_saved_file_equals_import_of_the_proto(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     assert str(graphc.import_onnx(str(path))) == str(graphc.import_onnx(model))
+
+
+def test_import_from_serialised_bytes_matches_import_from_a_file(tmp_path):
+    g = graphc.Graph("tiny")
+    x = g.input("x", (2, 3))
+    g.output(ops.relu(x * np.float32(2.0)))
+    path = tmp_path / "tiny.onnx"
+    graphc.export_onnx(g, path)
+    from_bytes = graphc.import_onnx(path.read_bytes())
+    assert str(from_bytes) == str(graphc.import_onnx(path))
+    with pytest.raises(graphc.GraphcError, match="model bytes"):
+        graphc.import_onnx(b"\x08\x07 not a model")
