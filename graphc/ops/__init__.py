@@ -22,6 +22,7 @@ from . import (  # noqa: F401
     elementwise,
     fused,
     fused_expression,
+    gradients,
     linalg,
     lowered_conv,
     normalization,

@@ -17,6 +17,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..types import Dim, TensorType
+from .gradients import vjp
 from .registry import OpCall, OpDef, int_, ints, register, string
 from .rules import resolve_pads, spatial_attr, window_output
 
@@ -376,3 +377,177 @@ register(OpDef(
     flops=conv_transpose_flops,
     doc="Transposed convolution (gradient of Conv w.r.t. its input) of X (N, C, ...) with "
         "W (C, M/group, ...) plus B."))
+
+
+# -- gradient (vjp) rules (see graphc.autodiff) -------------------------------------------------
+# Both gradients of a convolution are convolutions again, so the passes lower them to GEMM
+# (im2col) or Winograd like any forward conv:
+#
+# * dX is a stride-1 Conv of dY -- spread by the stride (zeros between, ``ctx.upsample``) --
+#   with the spatially flipped, in/out-swapped weights, dilated like the forward and padded by
+#   dilation * (kernel - 1) - pad (a 3x3 "same" conv's dX is again a 3x3 "same" conv);
+# * dW is a Conv over X with the batch and channel axes swapped, whose "weights" are dY
+#   (batch and channel swapped too), with strides = forward dilations and dilations = forward
+#   strides; groups become a grouped conv over (group, batch) channels. With a symbolic batch
+#   the batch cannot be a channel count, so dW is then Im2Col(X) times dY, summed over the batch.
+
+
+def _call_of(ctx, op: str) -> OpCall:
+    types = tuple(ctx.in_type(i) if ctx.has_input(i) else None
+                  for i in range(len(ctx.node.inputs)))
+    values = tuple(ctx.const(i) for i in range(len(ctx.node.inputs)))
+    return OpCall(op, ctx.node.name, ctx.attrs, types, values)
+
+
+def _flipped(ctx, w, spatial: int):
+    """``w`` reversed along its last ``spatial`` axes."""
+    axes = list(range(w.type.rank - spatial, w.type.rank))
+    return ctx.op("Slice", w, ctx.ints([-1] * spatial), ctx.ints([-(2 ** 62)] * spatial),
+                  ctx.ints(axes), ctx.ints([-1] * spatial))
+
+
+def _swap_in_out(ctx, w, group: int):
+    """(A, B/G, *K) weights as (B, A/G, *K): each group's two channel axes swapped."""
+    rank = w.type.rank
+    if group == 1:
+        return ctx.transpose(w, [1, 0] + list(range(2, rank)))
+    a, b_g = w.shape[:2]
+    kernel = list(w.shape[2:])
+    grouped = ctx.reshape(w, [group, a // group, b_g] + kernel)
+    grouped = ctx.transpose(grouped, [0, 2, 1] + list(range(3, rank + 1)))
+    return ctx.reshape(grouped, [b_g * group, a // group] + kernel)
+
+
+def _padded_conv(ctx, x, w, begins, ends, **attrs):
+    """Conv(x, w) with explicit pads that may be negative (negative pads crop x first)."""
+    n = len(begins)
+    if min(list(begins) + list(ends)) < 0:
+        crop = [0, 0] + [min(p, 0) for p in begins] + [0, 0] + [min(p, 0) for p in ends]
+        x = ctx.op("Pad", x, ctx.ints(crop))
+        begins, ends = [max(p, 0) for p in begins], [max(p, 0) for p in ends]
+    pads = list(begins) + list(ends)
+    if any(pads):
+        attrs["pads"] = pads
+    attrs = {k: v for k, v in attrs.items() if not (k in ("strides", "dilations")
+                                                     and list(v) == [1] * n)}
+    if attrs.get("group") == 1:
+        del attrs["group"]
+    return ctx.op("Conv", x, w, **attrs)
+
+
+def conv_input_grad(ctx, g, w, x_spatial, win: Window, group: int):
+    """dX of Y = Conv(X, W) for dY ``g``: a stride-1 conv of the spread dY with the flipped,
+    swapped W (``w`` may be any Value of W's type)."""
+    n = len(win.kernel)
+    spread = g
+    for i, s in enumerate(win.strides):
+        spread = ctx.upsample(spread, 2 + i, s)
+    begins, ends = [], []
+    for i in range(n):
+        reach = win.dilations[i] * (win.kernel[i] - 1)
+        begins.append(reach - win.pads[i])
+        if win.strides[i] == 1:
+            ends.append(reach - win.pads[n + i])
+        else:  # spread has out * stride positions, X has x_spatial[i]
+            ends.append(x_spatial[i] - win.out[i] * win.strides[i] + win.pads[i])
+    w_t = _flipped(ctx, _swap_in_out(ctx, w, group), n)
+    return _padded_conv(ctx, spread, w_t, begins, ends, dilations=list(win.dilations),
+                        group=group)
+
+
+def conv_weight_grad(ctx, x, g, w_type, win: Window, group: int):
+    """dW (of type ``w_type``) of Y = Conv(X, W) for dY ``g``."""
+    if not isinstance(x.shape[0], int):
+        return _weight_grad_im2col(ctx, x, g, w_type, win, group)
+    n = len(win.kernel)
+    rank = x.type.rank
+    spatial = list(range(2, rank))
+    batch, channels = x.shape[:2]
+    # X (N, C, *S) -> (C/G, G*N, *S): channel (g, n) of "image" c
+    xs = ctx.reshape(x, [batch, group, channels // group] + list(x.shape[2:]))
+    xs = ctx.transpose(xs, [2, 1, 0] + [a + 1 for a in spatial])
+    xs = ctx.reshape(xs, [channels // group, group * batch] + list(x.shape[2:]))
+    # dY (N, M, *O) -> (M, N, *O): the "weights" of output channel m read group g's batch
+    gs = ctx.transpose(g, [1, 0] + spatial)
+    out = _padded_conv(ctx, xs, gs, win.pads[:n], win.pads[n:], strides=list(win.dilations),
+                       dilations=list(win.strides), group=group)
+    # (C/G, M, *K') -> the first K taps (a stride that does not divide leaves extra taps)
+    if tuple(out.shape[2:]) != tuple(win.kernel):
+        out = ctx.op("Slice", out, ctx.ints([0] * n), ctx.ints(list(win.kernel)),
+                     ctx.ints(spatial))
+    return ctx.transpose(out, [1, 0] + spatial)
+
+
+def _weight_grad_im2col(ctx, x, g, w_type, win: Window, group: int):
+    m = w_type.shape[0]
+    cols = ctx.op("Im2Col", x, kernel_shape=list(win.kernel), strides=list(win.strides),
+                  pads=list(win.pads), dilations=list(win.dilations), group=group)
+    pixels = cols.shape[3]
+    gm = ctx.reshape(g, [g.shape[0], group, m // group, pixels])
+    rows = ctx.op("MatMul", gm, ctx.transpose(cols, [0, 1, 3, 2]))  # (N, G, M/G, C/G*taps)
+    total = ctx.reduce_sum(rows, [0], keepdims=False)
+    return ctx.reshape(total, w_type.shape)
+
+
+def _bias_grad(ctx, g):
+    return ctx.reduce_sum(g, [0] + list(range(2, g.type.rank)), keepdims=False)
+
+
+@vjp("Conv")
+def _conv_grad(ctx, node, grads):
+    (g,) = grads
+    win = conv_window(_call_of(ctx, "Conv"))
+    group = ctx.attrs["group"]
+    x, w = ctx.input(0), ctx.input(1)
+    dx = dw = db = None
+    if ctx.needs(0):
+        spatial = x.shape[2:]
+        if any(not isinstance(d, int) for d in spatial) and any(s != 1 for s in win.strides):
+            raise ctx.error(f"needs static spatial dims for its input gradient, got {x.type}")
+        dx = conv_input_grad(ctx, g, w, spatial, win, group)
+    if ctx.needs(1):
+        dw = conv_weight_grad(ctx, x, g, ctx.in_type(1), win, group)
+    if ctx.needs(2):
+        db = _bias_grad(ctx, g)
+    return [dx, dw, db]
+
+
+@vjp("ConvTranspose")
+def _conv_transpose_grad(ctx, node, grads):
+    """Y = ConvTranspose(X, W) is the input gradient of the Conv with its strides, dilations
+    and pads: dX is that Conv of dY, dW that Conv's weight gradient with X as its dY."""
+    (g,) = grads
+    x, w = ctx.input(0), ctx.input(1)
+    call = _call_of(ctx, "ConvTranspose")
+    kernel = w.shape[2:]
+    geo = transpose_geometry(call, x.shape[2:], kernel)
+    n = len(kernel)
+    # the matching Conv reads dY (the Y-sized tensor) and produces X-sized output; negative
+    # end pads (outputs past the full transposed conv) are positions no X element reaches
+    win = Window(tuple(kernel), geo.strides, geo.dilations, geo.pads, tuple(x.shape[2:]))
+    group = ctx.attrs["group"]
+    dx = dw = db = None
+    if ctx.needs(0):
+        dx = _padded_conv(ctx, g, w, geo.pads[:n], geo.pads[n:], strides=list(geo.strides),
+                          dilations=list(geo.dilations), group=group)
+        dx = _crop_to(ctx, dx, x.shape[2:])
+    if ctx.needs(1):
+        g_read = g
+        if min(geo.pads) < 0:  # crop the extension so the pads below are non-negative
+            crop = [0, 0] + [min(p, 0) for p in geo.pads[:n]] + [0, 0] + \
+                [min(p, 0) for p in geo.pads[n:]]
+            g_read = ctx.op("Pad", g, ctx.ints(crop))
+            win = Window(win.kernel, win.strides, win.dilations,
+                         tuple(max(p, 0) for p in geo.pads), win.out)
+        dw = conv_weight_grad(ctx, g_read, x, ctx.in_type(1), win, group)
+    if ctx.needs(2):
+        db = _bias_grad(ctx, g)
+    return [dx, dw, db]
+
+
+def _crop_to(ctx, v, spatial):
+    if tuple(v.shape[2:]) == tuple(spatial):
+        return v
+    n = len(spatial)
+    return ctx.op("Slice", v, ctx.ints([0] * n), ctx.ints(list(spatial)),
+                  ctx.ints(list(range(2, 2 + n))))

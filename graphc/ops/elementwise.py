@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from ..types import FLOAT_DTYPES, INT_DTYPES, TensorType
+from .gradients import vjp
 from .registry import ImportContext, OpCall, OpDef, float_, register, string
 from .rules import broadcast, broadcast_dims, elementwise_flops
 
@@ -334,3 +335,233 @@ def import_clip(ctx: ImportContext) -> None:
 _register("Clip", ("input", "min?", "max?"), clip_type, clip_ref, "broadcast",
           "min(max(x, min), max); absent bounds do not clip", onnx_import=import_clip,
           outputs=("output",))
+
+
+# -- gradient (vjp) rules: rule(ctx, node, grad_outputs) -> one gradient per input --------------
+# (see graphc.autodiff; the masks of piecewise derivatives are products of Step, 1 where x > 0)
+_ONNX_FLOAT_CODES = {"f16": 10, "f32": 1, "f64": 11}
+
+
+@vjp("Add")
+def _add_grad(ctx, node, grads):
+    (g,) = grads  # d(a + b) = da + db
+    return [ctx.unbroadcast(g, 0) if ctx.needs(0) else None,
+            ctx.unbroadcast(g, 1) if ctx.needs(1) else None]
+
+
+@vjp("Sub")
+def _sub_grad(ctx, node, grads):
+    (g,) = grads  # d(a - b) = da - db
+    return [ctx.unbroadcast(g, 0) if ctx.needs(0) else None,
+            ctx.unbroadcast(-g, 1) if ctx.needs(1) else None]
+
+
+@vjp("Mul")
+def _mul_grad(ctx, node, grads):
+    (g,) = grads  # d(a * b) = b da + a db
+    a, b = ctx.input(0), ctx.input(1)
+    return [ctx.unbroadcast(g * b, 0) if ctx.needs(0) else None,
+            ctx.unbroadcast(g * a, 1) if ctx.needs(1) else None]
+
+
+@vjp("Div")
+def _div_grad(ctx, node, grads):
+    (g,) = grads  # d(a / b) = da / b - (a / b) db / b
+    g_over_b = g / ctx.input(1)
+    return [ctx.unbroadcast(g_over_b, 0) if ctx.needs(0) else None,
+            ctx.unbroadcast(-(g_over_b * ctx.output()), 1) if ctx.needs(1) else None]
+
+
+def _as_float(ctx, v, like):
+    """``v`` in ``like``'s float dtype (Pow's exponent may be an integer tensor)."""
+    if v.dtype == like.dtype:
+        return v
+    return ctx.op("Cast", v, to=_ONNX_FLOAT_CODES[like.dtype])
+
+
+@vjp("Pow")
+def _pow_grad(ctx, node, grads):
+    (g,) = grads  # d(x ** y) = y x ** (y - 1) dx + x ** y log(x) dy
+    x, y = ctx.input(0), ctx.input(1)
+    dx = dy = None
+    if ctx.needs(0):
+        yf = _as_float(ctx, y, x)
+        dx = ctx.unbroadcast(g * yf * ctx.op("Pow", x, yf - 1.0), 0)
+    if ctx.needs(1):
+        dy = ctx.unbroadcast(g * ctx.output() * ctx.op("Log", x), 1)
+    return [dx, dy]
+
+
+def _variadic_grad(scale: float | None):
+    def rule(ctx, node, grads):
+        (g,) = grads  # every input gets the output's gradient (Mean: divided by their count)
+        if scale is not None:
+            g = g * (scale / len(node.inputs))
+        return [ctx.unbroadcast(g, i) if ctx.needs(i) else None for i in range(len(node.inputs))]
+
+    return rule
+
+
+vjp("Sum")(_variadic_grad(None))
+vjp("Mean")(_variadic_grad(1.0))
+
+
+@vjp("Max", "Min")
+def _extremum_grad(ctx, node, grads):
+    (g,) = grads  # the gradient goes to the inputs equal to the result (all of them on ties)
+    y = ctx.output()
+    out = []
+    for i in range(len(node.inputs)):
+        if not ctx.needs(i):
+            out.append(None)
+            continue
+        differs = ctx.step(ctx.op("Abs", y - ctx.input(i)))
+        out.append(ctx.unbroadcast(g * (1.0 - differs), i))
+    return out
+
+
+@vjp("Neg")
+def _neg_grad(ctx, node, grads):
+    return [-grads[0]]
+
+
+@vjp("Abs")
+def _abs_grad(ctx, node, grads):
+    x = ctx.input(0)  # d|x| = sign(x) dx
+    return [grads[0] * (ctx.step(x) - ctx.step(-x))]
+
+
+@vjp("Exp")
+def _exp_grad(ctx, node, grads):
+    return [grads[0] * ctx.output()]  # d exp(x) = exp(x) dx
+
+
+@vjp("Log")
+def _log_grad(ctx, node, grads):
+    return [grads[0] / ctx.input(0)]  # d log(x) = dx / x
+
+
+@vjp("Sqrt")
+def _sqrt_grad(ctx, node, grads):
+    return [grads[0] * 0.5 / ctx.output()]  # d sqrt(x) = dx / (2 sqrt(x))
+
+
+@vjp("Reciprocal")
+def _reciprocal_grad(ctx, node, grads):
+    y = ctx.output()  # d (1/x) = -dx / x^2 = -y^2 dx
+    return [-(grads[0] * y * y)]
+
+
+@vjp("Relu")
+def _relu_grad(ctx, node, grads):
+    return [grads[0] * ctx.step(ctx.input(0))]
+
+
+@vjp("LeakyRelu")
+def _leaky_relu_grad(ctx, node, grads):
+    alpha = ctx.attrs["alpha"]  # slope 1 for x > 0, alpha below
+    return [grads[0] * (ctx.step(ctx.input(0)) * (1.0 - alpha) + alpha)]
+
+
+@vjp("PRelu")
+def _prelu_grad(ctx, node, grads):
+    (g,) = grads  # dy = (x > 0 ? 1 : slope) dx + (x > 0 ? 0 : x) dslope
+    x, slope = ctx.input(0), ctx.input(1)
+    below = 1.0 - ctx.step(x)
+    dx = g * (1.0 - below + below * slope) if ctx.needs(0) else None
+    dslope = ctx.unbroadcast(g * x * below, 1) if ctx.needs(1) else None
+    return [dx, dslope]
+
+
+@vjp("Sigmoid")
+def _sigmoid_grad(ctx, node, grads):
+    y = ctx.output()  # s' = s (1 - s)
+    return [grads[0] * y * (1.0 - y)]
+
+
+@vjp("Tanh")
+def _tanh_grad(ctx, node, grads):
+    y = ctx.output()  # tanh' = 1 - tanh^2
+    return [grads[0] * (1.0 - y * y)]
+
+
+@vjp("Elu")
+def _elu_grad(ctx, node, grads):
+    # below 0: alpha exp(x) = y + alpha, so the derivative needs no second exp
+    above = ctx.step(ctx.input(0))
+    slope_below = ctx.output() + ctx.attrs["alpha"]
+    return [grads[0] * (above + (1.0 - above) * slope_below)]
+
+
+@vjp("Selu")
+def _selu_grad(ctx, node, grads):
+    # gamma above 0; below, gamma alpha exp(x) = y + gamma alpha
+    gamma, alpha = ctx.attrs["gamma"], ctx.attrs["alpha"]
+    above = ctx.step(ctx.input(0))
+    slope_below = ctx.output() + gamma * alpha
+    return [grads[0] * (above * gamma + (1.0 - above) * slope_below)]
+
+
+@vjp("Softplus")
+def _softplus_grad(ctx, node, grads):
+    return [grads[0] * ctx.op("Sigmoid", ctx.input(0))]  # log(1 + e^x)' = sigmoid(x)
+
+
+@vjp("HardSigmoid")
+def _hard_sigmoid_grad(ctx, node, grads):
+    y = ctx.output()  # alpha where 0 < alpha x + beta < 1, i.e. where 0 < y < 1
+    inside = ctx.step(y) * ctx.step(1.0 - y)
+    return [grads[0] * inside * ctx.attrs["alpha"]]
+
+
+@vjp("HardSwish")
+def _hard_swish_grad(ctx, node, grads):
+    # y = x h(x), h = clip(x / 6 + 1/2, 0, 1): y' = h + x / 6 where -3 < x < 3
+    x = ctx.input(0)
+    h = ctx.op("HardSigmoid", x, alpha=1 / 6, beta=0.5)
+    inside = ctx.step(h) * ctx.step(1.0 - h)
+    return [grads[0] * (h + x * inside * (1 / 6))]
+
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+
+
+@vjp("Gelu")
+def _gelu_grad(ctx, node, grads):
+    x = ctx.input(0)
+    if ctx.attrs["approximate"] == "tanh":
+        # y = x (1 + tanh u) / 2, u = c (x + 0.044715 x^3):
+        # y' = (1 + t) / 2 + x (1 - t^2) c (1 + 3 * 0.044715 x^2) / 2
+        x2 = x * x
+        t = ctx.op("Tanh", (x + x * x2 * 0.044715) * _SQRT_2_OVER_PI)
+        du = (x2 * (3 * 0.044715) + 1.0) * _SQRT_2_OVER_PI
+        slope = (t + 1.0) * 0.5 + x * (1.0 - t * t) * du * 0.5
+    else:
+        # y = x Phi(x): y' = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+        cdf = (ctx.op("Erf", x * (1 / math.sqrt(2))) + 1.0) * 0.5
+        pdf = ctx.op("Exp", x * x * -0.5) * _INV_SQRT_2PI
+        slope = cdf + x * pdf
+    return [grads[0] * slope]
+
+
+@vjp("Erf")
+def _erf_grad(ctx, node, grads):
+    x = ctx.input(0)  # erf'(x) = 2 / sqrt(pi) exp(-x^2)
+    return [grads[0] * ctx.op("Exp", -(x * x)) * (2 / math.sqrt(math.pi))]
+
+
+@vjp("Clip")
+def _clip_grad(ctx, node, grads):
+    # dx passes where lo < x < hi; the bounds get the gradient where they clip
+    (g,) = grads
+    x = ctx.input(0)
+    above_lo = ctx.step(x - ctx.input(1)) if ctx.has_input(1) else None
+    below_hi = ctx.step(ctx.input(2) - x) if ctx.has_input(2) else None
+    dx = g
+    for mask in (above_lo, below_hi):
+        if mask is not None:
+            dx = dx * mask
+    dlo = ctx.unbroadcast(g * (1.0 - above_lo), 1) if ctx.needs(1) else None
+    dhi = ctx.unbroadcast(g * (1.0 - below_hi), 2) if ctx.needs(2) else None
+    return [dx if ctx.needs(0) else None, dlo, dhi]

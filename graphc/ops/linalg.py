@@ -11,6 +11,7 @@ import numpy as np
 
 from ..types import FLOAT_DTYPES, TensorType
 from .elementwise import check_dtypes, check_unidirectional
+from .gradients import vjp
 from .registry import OpCall, OpDef, float_, int_, register
 from .rules import broadcast_dims
 
@@ -120,3 +121,61 @@ register(OpDef(
     name="MatMul", inputs=("A", "B"), outputs=("Y",), infer=matmul_type, reference=matmul_ref,
     kind="out-fusable", flops=matmul_flops,
     doc="matrix product with numpy.matmul semantics (1-D operands, broadcast batch dims)"))
+
+
+# -- gradient (vjp) rules (see graphc.autodiff) -------------------------------------------------
+@vjp("Gemm")
+def _gemm_grad(ctx, node, grads):
+    """Y = alpha A' B' + beta C: dA' = alpha dY B'^T and dB' = alpha A'^T dY, written as Gemms
+    whose trans flags undo A' = A^T / B' = B^T, so no Transpose node is needed."""
+    (g,) = grads
+    a, b = ctx.input(0), ctx.input(1)
+    alpha, beta = ctx.attrs["alpha"], ctx.attrs["beta"]
+    ta, tb = ctx.attrs["transA"], ctx.attrs["transB"]
+    scale = {} if alpha == 1 else {"alpha": alpha}
+    da = db = dc = None
+    if ctx.needs(0):
+        # transA=0: dA = dY B'^T;  transA=1: dA = (dY B'^T)^T = B' dY^T
+        if not ta:
+            da = ctx.op("Gemm", g, b, transB=1 - tb, **scale)
+        else:
+            da = ctx.op("Gemm", b, g, transA=tb, transB=1, **scale)
+    if ctx.needs(1):
+        # transB=0: dB = A'^T dY;  transB=1: dB = (A'^T dY)^T = dY^T A'
+        if not tb:
+            db = ctx.op("Gemm", a, g, transA=1 - ta, **scale)
+        else:
+            db = ctx.op("Gemm", g, a, transA=1, transB=ta, **scale)
+    if ctx.needs(2):
+        dc = ctx.unbroadcast(g if beta == 1 else g * beta, 2)
+    return [da, db, dc]
+
+
+def _swap_last(ctx, x):
+    """x with its last two axes swapped."""
+    perm = list(range(x.type.rank))
+    perm[-2:] = perm[-1], perm[-2]
+    return ctx.transpose(x, perm)
+
+
+@vjp("MatMul")
+def _matmul_grad(ctx, node, grads):
+    """Y = A @ B: dA = dY @ B^T, dB = A^T @ dY, summed over broadcast batch dims. A vector
+    operand is promoted to a matrix first (a row on the left, a column on the right), as
+    numpy.matmul does, and the gradient reshaped back."""
+    (g,) = grads
+    a, b = ctx.input(0), ctx.input(1)
+    a2 = ctx.op("Unsqueeze", a, ctx.ints([0])) if a.type.rank == 1 else a
+    b2 = ctx.op("Unsqueeze", b, ctx.ints([1])) if b.type.rank == 1 else b
+    if a.type.rank == 1:
+        g = ctx.op("Unsqueeze", g, ctx.ints([g.type.rank - (b.type.rank > 1)]))
+    if b.type.rank == 1:
+        g = ctx.op("Unsqueeze", g, ctx.ints([g.type.rank]))
+    da = db = None
+    if ctx.needs(0):
+        da = ctx.unbroadcast(ctx.op("MatMul", g, _swap_last(ctx, b2)), a2.type)
+        da = ctx.reshape_like(da, 0)
+    if ctx.needs(1):
+        db = ctx.unbroadcast(ctx.op("MatMul", _swap_last(ctx, a2), g), b2.type)
+        db = ctx.reshape_like(db, 1)
+    return [da, db]

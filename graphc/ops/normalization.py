@@ -12,6 +12,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..types import TensorType
+from .gradients import vjp
 from .registry import ImportContext, OpCall, OpDef, float_, int_, register
 
 FLOAT_DTYPES = ("f16", "f32", "f64")
@@ -218,3 +219,114 @@ register(OpDef(
     infer=infer_dropout, reference=dropout_reference, kind="elementwise", flops=dropout_flops,
     onnx_import=_import_dropout,
     doc="Identity in inference; random zeroing with 1/(1-ratio) scaling when training_mode."))
+
+
+# -- gradient (vjp) rules (see graphc.autodiff) -------------------------------------------------
+def _channel_view(ctx, v, rank: int):
+    """A per-channel (C,) vector as (1, C, 1, ...), to broadcast along axis 1."""
+    return ctx.reshape(v, [1, v.shape[0]] + [1] * (rank - 2))
+
+
+@vjp("BatchNormalization")
+def _batch_norm_grad(ctx, node, grads):
+    """Training mode (batch statistics): with xhat = (x - mean) * invstd,
+    dX = scale * invstd * (dY - mean(dY) - xhat * mean(dY * xhat)), dscale = sum(dY * xhat),
+    dB = sum(dY) (means and sums over every axis but the channels). Inference mode: the
+    running statistics are inputs, so dX = dY * scale * invstd and they get gradients too."""
+    g = grads[0]
+    if g is None or any(o is not None for o in grads[1:]):
+        raise ctx.error("has no gradient w.r.t. its running statistics outputs")
+    x = ctx.input(0)
+    rank = x.type.rank
+    axes = [0] + list(range(2, rank))
+    eps = ctx.attrs["epsilon"]
+    training = ctx.attrs["training_mode"]
+    if training:
+        mean = ctx.op("ReduceMean", x, ctx.ints(axes), keepdims=1)
+        centered = x - mean
+        var = ctx.op("ReduceMean", centered * centered, ctx.ints(axes), keepdims=1)
+    else:
+        mean = _channel_view(ctx, ctx.input(3), rank)
+        centered = x - mean
+        var = _channel_view(ctx, ctx.input(4), rank)
+    invstd = ctx.op("Reciprocal", ctx.op("Sqrt", var + eps))
+    xhat = centered * invstd
+    scale = _channel_view(ctx, ctx.input(1), rank)
+    out = [None] * 5
+    if ctx.needs(0):
+        if training:
+            mean_g = ctx.op("ReduceMean", g, ctx.ints(axes), keepdims=1)
+            mean_gx = ctx.op("ReduceMean", g * xhat, ctx.ints(axes), keepdims=1)
+            out[0] = scale * invstd * (g - mean_g - xhat * mean_gx)
+        else:
+            out[0] = g * (scale * invstd)
+    if ctx.needs(1):
+        out[1] = ctx.reduce_sum(g * xhat, axes, keepdims=False)
+    if ctx.needs(2):
+        out[2] = ctx.reduce_sum(g, axes, keepdims=False)
+    for i in (3, 4):
+        if ctx.needs(i) and training:  # batch statistics replace them: no effect on Y
+            out[i] = ctx.constant(np.zeros(ctx.in_type(i).shape), x)
+    if not training and ctx.needs(3):  # dY/dmean = -scale * invstd
+        out[3] = ctx.reduce_sum(-(g * scale * invstd), axes, keepdims=False)
+    if not training and ctx.needs(4):  # dY/dvar = -(x - mean) scale invstd^3 / 2
+        cube = invstd * invstd * invstd
+        out[4] = ctx.reduce_sum(g * centered * scale * cube * -0.5, axes, keepdims=False)
+    return out
+
+
+@vjp("Dropout")
+def _dropout_grad(ctx, node, grads):
+    """Training: dX = dY * mask / (1 - ratio), with the forward's mask (a second Dropout node
+    with the same seed and inputs where the forward does not output it: the seeded mask is the
+    same). Inference: the identity."""
+    g = grads[0]
+    if len(grads) > 1 and grads[1] is not None:
+        raise ctx.error("has no gradient w.r.t. its mask output")
+    mode = ctx.const(2)
+    if not ctx.has_input(2) or (mode is not None and not bool(mode)):
+        return [g]
+    if mode is None:
+        raise ctx.error("has a run-time training_mode; differentiating it needs a constant")
+    ratio = float(ctx.const_input(1, "ratio")) if ctx.has_input(1) else 0.5
+    if ratio == 0:
+        return [g]
+    if len(node.outputs) > 1 and node.outputs[1] is not None:
+        mask = ctx.output(1)
+    else:
+        outputs = ctx.graph.add_node("Dropout", node.inputs, node.attrs,
+                                     outputs=[None, ctx.graph.fresh_name(f"{node.name}_mask")])
+        mask = ctx.graph.value(outputs[1])
+    codes = {"f16": 10, "f32": 1, "f64": 11}
+    keep = ctx.op("Cast", mask, to=codes[g.dtype])
+    return [g * keep * (1.0 / (1.0 - ratio))]
+
+
+def _channel_window_sum(ctx, v, before: int, after: int):
+    """sum of v over channels c - before .. c + after (zeros past the ends)."""
+    channels = v.shape[1]
+    rank = v.type.rank
+    pads = [0] * (2 * rank)
+    pads[1], pads[rank + 1] = before, after
+    padded = ctx.op("Pad", v, ctx.ints(pads)) if before or after else v
+    terms = [ctx.op("Slice", padded, ctx.ints([j]), ctx.ints([j + channels]), ctx.ints([1]))
+             if before or after else padded for j in range(before + after + 1)]
+    return terms[0] if len(terms) == 1 else ctx.op("Sum", *terms)
+
+
+@vjp("LRN")
+def _lrn_grad(ctx, node, grads):
+    """y_c = x_c s_c^-b, s_c = bias + a/n sum_{window(c)} x^2:
+    dx_k = g_k s_k^-b - 2ab/n x_k sum_{c: k in window(c)} g_c x_c s_c^(-b-1); the channels c
+    whose window holds k form the mirrored window (before and after swapped)."""
+    g = grads[0]
+    x = ctx.input(0)
+    size, alpha, beta = ctx.attrs["size"], ctx.attrs["alpha"], ctx.attrs["beta"]
+    if not isinstance(x.shape[1], int):
+        raise ctx.error(f"needs a static channel count, got {x.type}")
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    s = _channel_window_sum(ctx, x * x, before, after) * (alpha / size) + ctx.attrs["bias"]
+    direct = g * ctx.op("Pow", s, ctx.scalar(-beta, x))
+    inner = g * x * ctx.op("Pow", s, ctx.scalar(-beta - 1.0, x))
+    spread = _channel_window_sum(ctx, inner, after, before)
+    return [direct - x * spread * (2.0 * alpha * beta / size)]

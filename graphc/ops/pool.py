@@ -10,6 +10,7 @@ import numpy as np
 
 from ..types import TensorType
 from .convolution import AUTO_PADS, Window, sliding_windows, window_geometry
+from .gradients import vjp
 from .registry import OpCall, OpDef, int_, ints, register, string
 
 MAX_POOL_DTYPES = ("f16", "f32", "f64", "i8", "u8")
@@ -187,3 +188,54 @@ register(OpDef(
     name="GlobalMaxPool", inputs=("X",), outputs=("Y",),
     infer=infer_global_pool, reference=global_max_pool_reference, kind="reduce",
     flops=_global_pool_flops, doc="Max over all spatial axes, kept as size-1 dims."))
+
+
+# -- gradient (vjp) rules (see graphc.autodiff) -------------------------------------------------
+def _pool_call(ctx) -> OpCall:
+    return OpCall(ctx.node.op, ctx.node.name, ctx.attrs, (ctx.in_type(0),), (None,), 1)
+
+
+@vjp("MaxPool")
+def _max_pool_grad(ctx, node, grads):
+    # each window's dY goes to its first maximum (MaxPoolGrad, graphc/ops/gradients.py)
+    attrs = {k: v for k, v in node.attrs.items()}
+    return [ctx.op("MaxPoolGrad", grads[0], ctx.input(0), **attrs)]
+
+
+@vjp("AveragePool")
+def _average_pool_grad(ctx, node, grads):
+    """dY / count spread over each window: the input gradient of a depthwise conv with a
+    kernel of ones (ceil mode's extra end positions act as more end padding)."""
+    from .convolution import conv_input_grad
+
+    x = ctx.input(0)
+    if any(not isinstance(d, int) for d in x.shape[1:]):
+        raise ctx.error(f"needs static channel and spatial dims, got {x.type}")
+    win = pool_window(_pool_call(ctx))
+    n = len(win.kernel)
+    spatial = x.shape[2:]
+    counts = _window_counts(win, spatial, ctx.attrs["count_include_pad"] == 1)
+    g = grads[0] * ctx.constant(1.0 / counts, x)
+    ends = tuple(max(win.pads[n + i], (win.out[i] - 1) * win.strides[i] + win.effective[i]
+                     - spatial[i] - win.pads[i]) for i in range(n))
+    win = Window(win.kernel, win.strides, win.dilations, win.pads[:n] + ends, win.out)
+    channels = x.shape[1]
+    ones = ctx.constant(np.ones((channels, 1) + tuple(win.kernel)), x)
+    return [conv_input_grad(ctx, g, ones, spatial, win, channels)]
+
+
+@vjp("GlobalAveragePool")
+def _global_average_pool_grad(ctx, node, grads):
+    x = ctx.input(0)  # every element gets dY / (spatial size)
+    spatial = x.shape[2:]
+    if any(not isinstance(d, int) for d in spatial):
+        raise ctx.error(f"needs static spatial dims, got {x.type}")
+    return [ctx.broadcast_like(grads[0] * (1.0 / max(1, int(np.prod(spatial)))), x)]
+
+
+@vjp("GlobalMaxPool")
+def _global_max_pool_grad(ctx, node, grads):
+    x = ctx.input(0)  # to the maxima (all of them on ties)
+    y = ctx.broadcast_like(ctx.output(), x)
+    at_max = 1.0 - ctx.step(ctx.op("Abs", x - y))
+    return [ctx.broadcast_like(grads[0], x) * at_max]

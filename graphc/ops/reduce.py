@@ -11,6 +11,7 @@ import numpy as np
 
 from ..types import FLOAT_DTYPES, TensorType
 from .elementwise import check_dtypes, trunc_divide
+from .gradients import vjp
 from .registry import ImportContext, OpCall, OpDef, int_, register
 from .rules import normalize_axes, normalize_axis
 
@@ -181,3 +182,56 @@ register(OpDef(
     name="LogSoftmax", inputs=("input",), outputs=("output",), attrs={"axis": int_(-1)},
     infer=softmax_type, reference=log_softmax_ref, kind="opaque", flops=softmax_flops,
     onnx_import=import_log_softmax_op, doc="x - log(sum(exp(x))) along axis (default -1)"))
+
+
+# -- gradient (vjp) rules (see graphc.autodiff) -------------------------------------------------
+def _reduce_grad_axes(ctx):
+    """The reduced axes of a ReduceSum/ReduceMean node (None: the node is the identity)."""
+    axes = ctx.const(1) if ctx.has_input(1) else None
+    if ctx.has_input(1) and axes is None and ctx.in_type(1).shape != (0,):
+        raise ctx.error("has run-time axes; differentiating it needs constant axes")
+    call = OpCall(ctx.node.op, ctx.node.name, ctx.attrs, ())
+    return reduced_axes(call, axes, ctx.in_type(0).rank)
+
+
+def _spread(ctx, g, axes):
+    """dY (the reduced shape) broadcast back over the reduced axes to X's shape."""
+    if not ctx.attrs["keepdims"]:
+        g = ctx.op("Unsqueeze", g, ctx.ints(axes))
+    return ctx.broadcast_like(g, ctx.input(0))
+
+
+@vjp("ReduceSum")
+def _reduce_sum_grad(ctx, node, grads):
+    axes = _reduce_grad_axes(ctx)  # every summed element gets dY
+    return [grads[0] if axes is None else _spread(ctx, grads[0], axes)]
+
+
+@vjp("ReduceMean")
+def _reduce_mean_grad(ctx, node, grads):
+    """Every averaged element gets dY / count. A count over symbolic dims (a mean over the
+    batch) is only known at run time: it is then the sum of ones spread like X."""
+    axes = _reduce_grad_axes(ctx)
+    if axes is None:
+        return [grads[0]]
+    x = ctx.input(0)
+    sizes = [x.shape[a] for a in axes]
+    if all(isinstance(d, int) for d in sizes):
+        return [_spread(ctx, grads[0] * (1.0 / max(1, int(np.prod(sizes)))), axes)]
+    ones = ctx.broadcast_like(ctx.scalar(1.0, x), x)
+    count = ctx.op("ReduceSum", ones, ctx.ints(axes), keepdims=ctx.attrs["keepdims"])
+    return [_spread(ctx, grads[0] / count, axes)]
+
+
+@vjp("Softmax")
+def _softmax_grad(ctx, node, grads):
+    y = ctx.output()  # dx = y (dy - sum(dy y)) along the axis
+    axis = ctx.attrs["axis"] % y.type.rank
+    return [y * (grads[0] - ctx.reduce_sum(grads[0] * y, [axis]))]
+
+
+@vjp("LogSoftmax")
+def _log_softmax_grad(ctx, node, grads):
+    y = ctx.output()  # dx = dy - softmax(x) sum(dy), softmax(x) = exp(y)
+    axis = ctx.attrs["axis"] % y.type.rank
+    return [grads[0] - ctx.op("Exp", y) * ctx.reduce_sum(grads[0], [axis])]

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import GraphcError
 from ..types import Dim, TensorType, dtype_name
+from .gradients import vjp
 from .registry import ImportContext, OpCall, OpDef, int_, ints, register, string, tensor
 from .rules import as_int_list, normalize_axes, normalize_axis, same_as_input
 
@@ -675,3 +676,118 @@ register(OpDef(
     attrs={"to": int_(check=_cast_target_problem), "saturate": int_(1, choices=(0, 1))},
     infer=_cast_infer, reference=_cast_ref, kind="elementwise", flops=_no_flops,
     doc="Convert to the ONNX data type `to` (a TensorProto number: 1 float32, 7 int64, ...)."))
+
+
+# -- gradient (vjp) rules (see graphc.autodiff) -------------------------------------------------
+@vjp("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+def _reshape_grad(ctx, node, grads):
+    return [ctx.reshape_like(grads[0], 0)]  # the same elements in X's shape
+
+
+@vjp("Identity")
+def _identity_grad(ctx, node, grads):
+    return [grads[0]]
+
+
+@vjp("Cast")
+def _cast_grad(ctx, node, grads):
+    # float -> float (integer casts never carry gradients: the driver rejects them)
+    return [ctx.op("Cast", grads[0], to=_ONNX_CODES[ctx.in_type(0).dtype])]
+
+
+_ONNX_CODES = {v: k for k, v in _ONNX_DTYPES.items()}
+
+
+@vjp("Transpose")
+def _transpose_grad(ctx, node, grads):
+    perm = _transpose_perm(OpCall("Transpose", node.name, ctx.attrs, ()), ctx.in_type(0).rank)
+    return [ctx.transpose(grads[0], np.argsort(perm).tolist())]  # the inverse permutation
+
+
+@vjp("Concat")
+def _concat_grad(ctx, node, grads):
+    """Each input gets its slab of dY along the axis."""
+    g = grads[0]
+    axis = ctx.attrs["axis"] % g.type.rank
+    out, offset = [], 0
+    for i in range(len(node.inputs)):
+        size = ctx.in_type(i).shape[axis]
+        if not isinstance(size, int):
+            if len(node.inputs) > 1:
+                raise ctx.error(f"input {i} has symbolic size {size} along the axis")
+            return [g]
+        out.append(_slab(ctx, g, axis, offset, size) if ctx.needs(i) else None)
+        offset += size
+    return out
+
+
+def _slab(ctx, g, axis: int, start: int, size: int):
+    if start == 0 and size == g.shape[axis]:
+        return g
+    return ctx.op("Slice", g, ctx.ints([start]), ctx.ints([start + size]), ctx.ints([axis]))
+
+
+@vjp("Split")
+def _split_grad(ctx, node, grads):
+    """dX = the outputs' gradients concatenated (zeros for outputs no gradient reaches)."""
+    axis = ctx.attrs["axis"] % ctx.in_type(0).rank
+    parts = [g if g is not None else ctx.broadcast_like(ctx.scalar(0.0, ctx.output(i)),
+                                                        ctx.output(i))
+             for i, g in enumerate(grads)]
+    return [parts[0] if len(parts) == 1 else ctx.op("Concat", *parts, axis=axis)]
+
+
+@vjp("Slice")
+def _slice_grad(ctx, node, grads):
+    """dY scattered back to the sliced positions, zeros elsewhere: per sliced axis, dY is
+    reversed (negative steps), spread by the step (zeros between) and padded into place."""
+    g = grads[0]
+    x_t = ctx.in_type(0)
+    values = [ctx.const_input(i, what) if i < 3 or ctx.has_input(i) else None
+              for i, what in ((1, "starts"), (2, "ends"), (3, "axes"), (4, "steps"))]
+    params = _slice_params(OpCall("Slice", node.name, ctx.attrs, ()), x_t.rank,
+                           *[None if v is None else as_int_list(v) for v in values])
+    for axis, start, end, step in params:
+        dim = x_t.shape[axis]
+        if not isinstance(dim, int):
+            continue  # the shape rule only allows whole symbolic axes
+        start, _, length = _clamp_slice(dim, start, end, step)
+        if length == 0:
+            return [ctx.broadcast_like(ctx.scalar(0.0, g), ctx.input(0))]
+        first = start
+        if step < 0:
+            g = ctx.op("Slice", g, ctx.ints([-1]), ctx.ints([-(2 ** 62)]), ctx.ints([axis]),
+                       ctx.ints([-1]))
+            first = start + (length - 1) * step
+        g = ctx.upsample(g, axis, abs(step))
+        pads = [0] * (2 * x_t.rank)
+        pads[axis], pads[x_t.rank + axis] = first, dim - first - length * abs(step)
+        if any(pads):
+            g = ctx.op("Pad", g, ctx.ints(pads))
+    return [g]
+
+
+@vjp("Pad")
+def _pad_grad(ctx, node, grads):
+    """Constant mode: dX is dY cropped back (Pad by the negated pads: crops undo pads, pads of
+    zeros undo crops); the fill value gets the sum of dY over the padding."""
+    if ctx.attrs["mode"] != "constant":
+        raise ctx.error(f"mode '{ctx.attrs['mode']}' has no gradient rule (constant mode only)")
+    g = grads[0]
+    x_t = ctx.in_type(0)
+    axes = as_int_list(ctx.const_input(3, "axes")) if ctx.has_input(3) else None
+    widths = _pad_widths(OpCall("Pad", node.name, ctx.attrs, ()), x_t.rank,
+                         as_int_list(ctx.const_input(1, "pads")), axes)
+    negated = [-b for b, _ in widths] + [-e for _, e in widths]
+    dx = ctx.op("Pad", g, ctx.ints(negated)) if any(negated) else g
+    dvalue = None
+    if ctx.needs(2):
+        padding_sum = ctx.op("ReduceSum", g, keepdims=0) - ctx.op("ReduceSum", dx, keepdims=0)
+        dvalue = ctx.reshape_like(padding_sum, 2)
+    return [dx if ctx.needs(0) else None, None, dvalue]
+
+
+@vjp("Gather")
+def _gather_grad(ctx, node, grads):
+    # w.r.t. data: scatter-add; the indices are integers (the driver rejects a gradient there)
+    return [ctx.op("GatherGrad", grads[0], ctx.input(1), ctx.input(0), axis=ctx.attrs["axis"])]

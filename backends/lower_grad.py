@@ -1,0 +1,149 @@
+"""Lowering of the gradient-only ops (``graphc/ops/gradients.py``) to kernel IR.
+
+Registered into ``backends.lower.LOWERINGS`` when imported (``backends/lower.py`` imports the
+lowering families at its end): Step, BroadcastLike and MaxPoolGrad. GatherGrad (a scatter-add
+at run-time indices) has no lowering: the kernel IR cannot store to a data-dependent address,
+so a graph holding one raises ``LoweringError`` naming the node.
+
+* Step and BroadcastLike are elementwise maps (``lower.map_kernel``): Step selects 1 or 0 on
+  ``x > 0`` (NaN gives 0, as the reference); BroadcastLike copies with numpy broadcasting.
+* MaxPoolGrad is written in *gather* form, because the kernel IR has no scatter: each element
+  of dX sums, over the windows that contain it, dY of the window when its first maximum is this
+  element. Per element and candidate tap t, the window is ``o = (i + pad - t * dilation) /
+  stride`` (valid when that divides and lies in range); the window's taps are scanned in
+  row-major order exactly as MaxPool's argmax does (a tap wins if greater, or NaN while the best
+  is not), tracking as a 0/1 flag whether the winner is tap t. All taps unroll (kernel^2 loads
+  per element), which suits the small windows of CNNs; every load is clamped into range and
+  selected against the fill, so no load leaves its buffer. The sum runs over candidate windows
+  in reverse row-major order, unlike the reference's ``np.add.at``: overlapping windows may
+  round differently (one ulp per overlap).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from graphc.ops import registry
+from graphc.ops.pool import pool_window
+from graphc.types import TensorType
+
+from . import kernel_ir as k
+from .kernel_ir import INDEX, Const, Load
+from .lower import (
+    Block,
+    BoundKernel,
+    KernelBuilder,
+    LowerContext,
+    Scalar,
+    _c,
+    lowering,
+    map_kernel,
+    nest,
+    scalar_rule,
+)
+from .lower_window import _lowest, window_axes, window_load
+
+FLOATS = ("f32", "f64")
+
+
+@scalar_rule("Step", dtypes=FLOATS)
+def _step(s: Scalar, args):
+    (x,) = args
+    return k.Select(k.Compare(">", x, _c(0, x)), _c(1, x), _c(0, x))
+
+
+@lowering("Step")
+def lower_step(ctx: LowerContext) -> BoundKernel:
+    return map_kernel(ctx, [0], _step)
+
+
+@lowering("BroadcastLike")
+def lower_broadcast_like(ctx: LowerContext) -> BoundKernel:
+    return map_kernel(ctx, [0], lambda s, args: args[0])
+
+
+# -- MaxPoolGrad -----------------------------------------------------------------------------------
+def _i(value: int) -> Const:
+    return Const(value, INDEX)
+
+
+def _forward_window(ctx: LowerContext, x: TensorType):
+    """The forward MaxPool's window over X (MaxPoolGrad carries MaxPool's attributes)."""
+    call = registry.OpCall("MaxPool", ctx.node.name, ctx.attrs, (x,), (None,), 1)
+    return pool_window(call)
+
+
+@lowering("MaxPoolGrad")
+def lower_max_pool_grad(ctx: LowerContext) -> BoundKernel:
+    dy_t, x_t = ctx.in_types
+    if x_t.dtype not in FLOATS:
+        raise ctx.error(f"dtype {x_t.dtype} is not lowered (supported: f32, f64)")
+    spatial = x_t.shape[2:]
+    if min(spatial, default=1) < 1:
+        raise ctx.shape_error(f"empty spatial axis in {tuple(spatial)}")
+    axes = window_axes(_forward_window(ctx, x_t), spatial)
+    planes = x_t.shape[0] * x_t.shape[1]
+    out = [a.out for a in axes]
+    kb = KernelBuilder(ctx)
+    dy = kb.input(ctx.node.inputs[0], dy_t.dtype, (planes, *out))
+    x = kb.input(ctx.node.inputs[1], x_t.dtype, (planes, *spatial))
+    dx = kb.output(ctx.node.outputs[0], x_t.dtype, (planes, *spatial))
+    taps = list(itertools.product(*[range(a.kernel) for a in axes]))
+    lowest, zero = _lowest(x_t.dtype), Const(0.0, x_t.dtype)
+
+    def fill(b: Block, idx: list) -> None:
+        plane, pos = idx[0], idx[1:]
+        total = zero
+        for tap in taps:
+            window = _window_of(b, axes, pos, tap)
+            if window is None:
+                continue
+            valid, o = window
+            mine = _is_first_max(b, axes, x, x_t.dtype, plane, o, tap, taps, spatial, lowest)
+            grad = b.let(Load(dy, (plane, *o), dy_t.dtype))
+            term = k.select(valid, k.Binary("*", grad, mine), zero)
+            total = b.let(term if total is zero else k.Binary("+", total, term))
+        b.emit(k.Store(dx, tuple(idx), total))
+
+    return kb.build([nest(kb, (planes, *spatial), fill)])
+
+
+def _window_of(b: Block, axes, pos, tap):
+    """(valid, window position) of the window whose tap ``tap`` reads input position ``pos``;
+    None when no position of this loop can have one. The window index is clamped into range so
+    that its loads stay in bounds when ``valid`` is false."""
+    valid = Const(1, k.BOOL)
+    window = []
+    for a, i, t in zip(axes, pos, tap):
+        shift = a.pad - t * a.dilation  # o * stride = i + pad - t * dilation
+        num = b.index(k.add(i, _i(shift)) if shift >= 0 else k.sub(i, _i(-shift)))
+        cond = k.logical_and(k.compare(">=", num, _i(0)),
+                             k.compare("<", num, _i(a.out * a.stride - a.stride + 1)))
+        if a.stride > 1:
+            cond = k.logical_and(cond, k.compare("==", k.mod(k.maximum(num, _i(0)), a.stride),
+                                                 _i(0)))
+        cond = b.index(cond)
+        if cond == Const(0, k.BOOL):
+            return None
+        valid = b.index(k.logical_and(valid, cond))
+        o = k.floordiv(k.maximum(num, _i(0)), a.stride)
+        window.append(b.index(k.minimum(o, _i(a.out - 1))))
+    return valid, window
+
+
+def _is_first_max(b: Block, axes, x: str, dtype: str, plane, o, tap, taps, spatial, lowest):
+    """1 if tap ``tap`` is the first maximum of window ``o`` (MaxPool's argmax), else 0."""
+    best, mine = lowest, Const(0.0, dtype)
+    for other in taps:
+        coords = [a.coord(w, _i(t)) for a, w, t in zip(axes, o, other)]
+        v = window_load(b, x, dtype, (plane,), coords, spatial, lowest)
+        if v is None:
+            continue  # padding never wins
+        v = b.let(v)
+        nan_first = k.logical_and(k.compare("!=", v, v), k.compare("==", best, best))
+        take = b.let(k.Binary("|", k.compare(">", v, best), nan_first))
+        flag = Const(1.0 if other == tap else 0.0, dtype)
+        mine = b.let(k.select(take, flag, mine))
+        best = b.let(k.select(take, v, best))
+    return mine
+
