@@ -1,28 +1,33 @@
-"""graphc (target="cpu") vs ONNX Runtime, same threads, interleaved rounds, medians.
+"""graphc (target="cpu") vs ONNX Runtime vs PyTorch eager: same threads, interleaved rounds.
 
-    python benchmarks/compare.py [--quick] [--threads 2] [--rounds 7]
+    python benchmarks/compare.py [--quick] [--threads 2] [--rounds 7] [--cases vgg16,mlp]
+                                 [--markdown] [--no-torch] [--no-ort] [--json OUT.json]
 
-PyTorch is not compared yet. Cases: every distinct VGG-16 3x3 conv layer at batch 1
-(bias + ReLU) with im2col, Winograd F2
-and F4; the whole VGG-16 at 224x224 (batch 1, and 8 without --quick); a ResNet basic block; an
-MLP 784-1000-1000-10 at batch 1 and 128. Each case is built with graphc's builder, exported to
-ONNX for ONNX Runtime (same weights, same threads), checked for agreement, then timed in
-alternating rounds. Effective GFLOPS use the direct-convolution FLOP count of the unoptimised
-graph (graphc.flops), so Winograd's savings show as GFLOPS above the machine's FMA peak.
+Cases: every distinct VGG-16 3x3 conv layer at batch 1 (bias + ReLU) with im2col, Winograd F2
+and F4; the whole VGG-16 at 224x224 (batch 1, and 8 without --quick); a ResNet basic block
+(conv-BN-ReLU-conv-BN + identity, ReLU); an MLP 784-1000-1000-10 at batch 1 and 128. Each case
+is built here with graphc's builder and handed to ``graphc.bench.bench_graph``, which checks
+every runner against the interpreter (a runner that disagrees is reported, not timed), exports
+the graph to ONNX for ONNX Runtime and translates it for PyTorch eager
+(``graphc.torch_eager``), and times all of them in interleaved rounds with the same thread
+count. Effective GFLOPS use the direct-convolution FLOP count of the unoptimised graph
+(``graphc.flops``), so Winograd's savings show as GFLOPS above the machine's FMA peak.
+PyTorch and ONNX Runtime are optional: a missing one shows as "not installed".
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 import graphc
 from graphc import ops
-from graphc.flops import flops_by_node
+from graphc.bench import DEFAULT_RUNNERS, bench_graph, format_markdown, format_summary, problems
 
 VGG16_LAYERS = [(3, 64, 224), (64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56),
                 (256, 256, 56), (256, 512, 28), (512, 512, 28), (512, 512, 14)]
@@ -87,103 +92,73 @@ def mlp(batch):
     return g
 
 
-def median_ms(fn, rounds, block):
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(block):
-            fn()
-        times.append((time.perf_counter() - start) / block * 1e3)
-    return statistics.median(times)
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], graphc.Graph]
+    conv: str = "auto"
+    quick: bool = True  # part of --quick
 
 
-def measure(name, graph, conv, threads, rounds, ort):
-    feeds = {v: np.random.default_rng(1).standard_normal(graph.type_of(v).shape)
-             .astype(np.float32) for v in graph.inputs}
-    start = time.perf_counter()
-    model = graphc.compile(graph, target="cpu", conv=conv, threads=threads)
-    compile_s = time.perf_counter() - start
-    flops = sum(flops_by_node(graph).values())
-    ours = model.run(feeds)
-    runners = {"graphc": lambda: model.run(feeds)}
-    if ort is not None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(graphc.export_onnx(graph).SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
-        theirs = session.run(None, feeds)
-        scale = max(float(np.abs(theirs[0]).max()), 1e-30)
-        error = float(np.abs(ours[0] - theirs[0]).max()) / scale
-        runners["ort"] = lambda: session.run(None, feeds)
-    else:
-        error = float("nan")
-    for fn in runners.values():  # warm-up
-        fn()
-    block = max(1, int(0.05 / max(1e-4, _once(runners["graphc"]))))
-    samples = {k: [] for k in runners}
-    for _ in range(rounds):  # interleaved: each round times every runner once
-        for key, fn in runners.items():
-            samples[key].append(median_ms(fn, 1, block))
-    med = {k: statistics.median(v) for k, v in samples.items()}
-    row = {"case": name, "conv": conv, "graphc ms": med["graphc"],
-           "graphc GFLOPS": flops / med["graphc"] / 1e6, "compile s": compile_s,
-           "rel err vs ORT": error}
-    if "ort" in med:
-        row.update({"ORT ms": med["ort"], "ORT GFLOPS": flops / med["ort"] / 1e6,
-                    "graphc/ORT": med["graphc"] / med["ort"]})
-    return row
-
-
-def _once(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def print_table(rows):
-    keys = ["case", "conv", "graphc ms", "ORT ms", "graphc/ORT", "graphc GFLOPS", "ORT GFLOPS",
-            "compile s", "rel err vs ORT"]
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for r in rows:
-        cells = []
-        for k in keys:
-            v = r.get(k, "")
-            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
-        print("| " + " | ".join(cells) + " |")
-    sys.stdout.flush()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="fewer cases and rounds")
-    args = parser.parse_args(argv)
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        ort = None
-        print("onnxruntime is not installed: graphc numbers only")
-    rounds = 3 if args.quick else args.rounds
-    rows = []
-    layers = VGG16_LAYERS[1:3] if args.quick else VGG16_LAYERS
-    for c, k, hw in layers:
+def cases() -> list[Case]:
+    out = []
+    for i, (c, k, hw) in enumerate(VGG16_LAYERS):
         for conv in ("im2col", "winograd-f2", "winograd-f4"):
-            rows.append(measure(f"vgg16 3x3 {c}->{k}@{hw}", conv_layer(c, k, hw), conv,
-                                args.threads, rounds, ort))
-            print_table(rows[-1:])
-    cases = [("vgg16 b1", vgg16(1)), ("resnet basic block", basic_block()),
-             ("mlp b1", mlp(1)), ("mlp b128", mlp(128))]
-    if not args.quick:
-        cases.insert(1, ("vgg16 b8", vgg16(8)))
-    for name, graph in cases:
-        rows.append(measure(name, graph, "auto", args.threads, rounds, ort))
-        print_table(rows[-1:])
-    print()
-    print_table(rows)
+            out.append(Case(f"VGG-16 conv {c}->{k}@{hw}", lambda c=c, k=k, hw=hw:
+                            conv_layer(c, k, hw), conv, quick=i in (1, 2)))
+    out += [Case("VGG-16 224x224, batch 1", lambda: vgg16(1)),
+            Case("VGG-16 224x224, batch 8", lambda: vgg16(8), quick=False),
+            Case("ResNet basic block 64@56", basic_block),
+            Case("MLP 784-1000-1000-10, batch 1", lambda: mlp(1)),
+            Case("MLP 784-1000-1000-10, batch 128", lambda: mlp(128))]
+    return out
+
+
+def select(all_cases: list[Case], quick: bool, patterns: str | None) -> list[Case]:
+    """--quick keeps the quick cases; --cases keeps names containing any pattern (any case)."""
+    chosen = [c for c in all_cases if c.quick or not quick]
+    if patterns:
+        wanted = [p.strip().lower() for p in patterns.split(",") if p.strip()]
+        chosen = [c for c in chosen if any(p in f"{c.name} {c.conv}".lower() for p in wanted)]
+    return chosen
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="threads of every runner")
+    parser.add_argument("--rounds", type=int, help="timed rounds (default 7; 3 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="fewer cases and rounds")
+    parser.add_argument("--cases", metavar="PAT1,PAT2",
+                        help="only cases whose name or conv contains one of these "
+                             "(case-insensitive), e.g. 'mlp,winograd-f4'")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print only the final Markdown table (one line per case)")
+    parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    parser.add_argument("--no-ort", action="store_true", help="leave ONNX Runtime out")
+    parser.add_argument("--json", metavar="OUT.json", help="also write every row as JSON")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 7)
+    runners = [r for r in DEFAULT_RUNNERS
+               if not (r == "pytorch" and args.no_torch or r == "onnxruntime" and args.no_ort)]
+    chosen = select(cases(), args.quick, args.cases)
+    if not chosen:
+        parser.error(f"no case matches --cases {args.cases!r}")
+    rows = []
+    for case in chosen:
+        case_rows = bench_graph(case.build(), case=case.name, runners=runners,
+                                threads=args.threads, conv=case.conv, rounds=rounds)
+        rows += case_rows
+        if not args.markdown:
+            print(format_markdown(case_rows), flush=True)
+            print(flush=True)
+    print(format_summary(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=1)
+    for row in problems(rows):
+        print(f"{row.case}: {row.runner} {row.status}: {row.detail}", file=sys.stderr)
+    return 1 if problems(rows) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
