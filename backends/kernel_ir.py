@@ -10,6 +10,10 @@ Vocabulary:
   given) and whether it is an output. A buffer is a view of a graph value with the same dtype and
   element count; lowerings may coalesce dims (a contiguous reshape), so its shape can differ.
 * ``Table``: a compile-time constant vector of indices (Gather's indices), read by ``Lookup``.
+* ``IndexOf(x, lo, hi)``: integer *data* ``x`` (a run-time Gather index, say) as an index,
+  clamped into ``[lo, hi]``. It is the one way data enters an index expression: its interval is
+  ``[lo, hi]`` whatever ``x`` holds, so bounds stay provable and a bad value can never address
+  memory outside its buffer (lowerings report such values through an output of their own).
 * Expressions (``Expr``) are frozen trees, each with a ``dtype``: a graphc dtype (``f32``,
   ``i64``, ...), ``bool`` (results of comparisons), or ``index`` (64-bit signed loop indices).
   ``Var`` is a loop variable, ``Local`` a ``Let``-bound scalar, ``Load``/``Lookup`` read memory.
@@ -49,10 +53,10 @@ never read again).
 
 Invariants (``verify``): names are identifiers and unique (parameters, tables; no loop variable
 or local shadows another); every expression is well typed; locals and loop variables are used
-only where defined; index expressions contain no ``Load`` and every ``Load``/``Store``/``Lookup``
-index lies within its buffer or table (checked by interval arithmetic over the loop ranges);
-only outputs are stored to; ``parallel`` loops are top-level. ``format_kernel`` prints the same
-kernel as the same text, so dumps diff cleanly.
+only where defined; index expressions contain no ``Load`` (except inside ``IndexOf``) and every
+``Load``/``Store``/``Lookup`` index lies within its buffer or table (checked by interval
+arithmetic over the loop ranges); only outputs are stored to; ``parallel`` loops are top-level.
+``format_kernel`` prints the same kernel as the same text, so dumps diff cleanly.
 """
 
 from __future__ import annotations
@@ -181,6 +185,19 @@ class Lookup:
 
 
 @dataclass(frozen=True)
+class IndexOf:
+    """Integer data ``x`` as an index clamped into ``[lo, hi]`` (see the module docstring)."""
+
+    x: object
+    lo: int
+    hi: int
+
+    @property
+    def dtype(self) -> str:
+        return INDEX
+
+
+@dataclass(frozen=True)
 class Unary:
     op: str
     x: object
@@ -229,7 +246,7 @@ class Cast:
     dtype: str
 
 
-Expr = Const | Var | Local | Load | Lookup | Unary | Binary | Compare | Select | Cast
+Expr = Const | Var | Local | Load | Lookup | IndexOf | Unary | Binary | Compare | Select | Cast
 
 
 # -- statements -----------------------------------------------------------------------------------
@@ -474,6 +491,8 @@ def interval(expr, ranges: dict, tables: dict | None = None) -> Interval:
         if not values:
             raise KernelIRError(f"lookup in unknown or empty table '{expr.table}'")
         return min(values), max(values)
+    if isinstance(expr, IndexOf):
+        return expr.lo, expr.hi
     if isinstance(expr, Unary) and expr.op == "abs":
         lo, hi = interval(expr.x, ranges, tables)
         if lo >= 0:
@@ -550,7 +569,9 @@ def simplify(expr, ranges: dict, tables: dict | None = None):
     min/max of ordered operands resolved."""
     if not _is_index_like(expr):
         return expr
-    if isinstance(expr, Const | Var | Local | Lookup):
+    if isinstance(expr, Const | Var | Local | Lookup | IndexOf):
+        if isinstance(expr, IndexOf):
+            return Const(expr.lo, INDEX) if expr.lo == expr.hi else expr
         if isinstance(expr, Lookup):
             return Lookup(expr.table, simplify(expr.index, ranges, tables))
         return expr
@@ -610,7 +631,7 @@ def children(expr) -> tuple:
         return expr.indices
     if isinstance(expr, Lookup):
         return (expr.index,)
-    if isinstance(expr, (Unary, Cast)):
+    if isinstance(expr, (Unary, Cast, IndexOf)):
         return (expr.x,)
     if isinstance(expr, (Binary, Compare)):
         return expr.a, expr.b
@@ -669,6 +690,8 @@ def format_expr(expr) -> str:
         return f"{expr.op}({format_expr(expr.x)})"
     if isinstance(expr, Cast):
         return f"cast<{expr.dtype}>({format_expr(expr.x)})"
+    if isinstance(expr, IndexOf):
+        return f"index_of<{expr.lo}..{expr.hi}>({format_expr(expr.x)})"
     if isinstance(expr, Select):
         return f"select({format_expr(expr.cond)}, {format_expr(expr.a)}, {format_expr(expr.b)})"
     if expr.op not in _PRECEDENCE:
@@ -908,6 +931,12 @@ class _Verifier:
 
     def operation(self, e, scope, ranges, reachable: bool) -> str:
         kinds = [self.expr(c, scope, ranges, reachable) for c in children(e)]
+        if isinstance(e, IndexOf):
+            if not is_int(kinds[0]) or not (isinstance(e.lo, int) and isinstance(e.hi, int)
+                                             and e.lo <= e.hi):
+                raise self.error(f"index_of needs integer data and bounds lo <= hi: "
+                                 f"{format_expr(e)}")
+            return INDEX
         if isinstance(e, Cast):
             if e.dtype not in BUFFER_DTYPES or kinds[0] == INDEX:
                 raise self.error(f"cast between {kinds[0]} and {e.dtype} in {format_expr(e)}")

@@ -7,11 +7,12 @@ ops register a *scalar* rule in ``SCALAR_RULES`` that both their own kernel and
 ``FusedElementwise`` bodies use, so a fused body computes what its ops compute.
 
 Covered: every elementwise/broadcast op (unary math and activations, binary arithmetic with numpy
-broadcasting, Pow, Clip, PRelu, Sum/Mean/Max/Min, Cast, Identity, and the inference forms of
-BatchNormalization and Dropout), ``FusedElementwise``, the
-injective ops (Transpose, Concat, Split, Slice, Pad in all four modes, Gather with constant
-indices, and Reshape/Flatten/Squeeze/Unsqueeze as copies) and the reductions (ReduceSum,
-ReduceMean, Softmax, LogSoftmax, GlobalAveragePool, GlobalMaxPool).
+broadcasting, Pow (integer Pow too), Clip, PRelu, Sum/Mean/Max/Min, Cast, Identity,
+BatchNormalization and Dropout, training mode included), ``FusedElementwise``, the injective
+ops (Transpose, Concat, Split, Slice, Pad in all four modes, Gather with constant or run-time
+indices, and Reshape/Flatten/Squeeze/Unsqueeze as copies) and the reductions (ReduceSum, ReduceMean,
+Softmax, LogSoftmax, GlobalAveragePool, GlobalMaxPool); Conv/FusedConv/ConvTranspose live in
+``lower_conv.py``, the windowed ops in ``lower_window.py``, Gemm/MatMul in ``lower_gemm.py``.
 
 Invariants:
 
@@ -22,7 +23,8 @@ Invariants:
   target states their error bounds);
 * shapes must be static (symbolic dims may be bound with ``dims=``); compute ops take f32, f64
   and the integer dtypes their op allows; f16 is accepted by data-movement ops only
-  (``UnsupportedOpError`` otherwise);
+  (``UnsupportedOpError`` otherwise), except that elementwise ops widen f16 to f32 and round
+  the result back (``map_kernel``);
 * buffers are contiguous row-major views of their values; dims are coalesced where the access
   pattern allows (a ``[3,64,7,7] + [64,1,1]`` add runs over ``[3,64,49]`` views), so a
   parameter's shape may differ from its value's but never its dtype or element count;
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphc.errors import GraphcError, ShapeError, UnsupportedOpError
+from graphc.errors import FeedError, GraphcError, ShapeError, UnsupportedOpError
 from graphc.ir import Graph, Node
 from graphc.ops import fused_expression as fx
 from graphc.ops import registry
@@ -90,6 +92,7 @@ class BoundFunction:
     values: tuple
     constants: Mapping = field(default_factory=dict)
     text: str = ""
+    check: Callable[[], None] | None = None  # raises the run's recorded error (raise_run_errors)
 
     def __str__(self) -> str:
         binding = ", ".join(f"%{v}" for v in self.values)
@@ -367,14 +370,40 @@ def _max_min(s: Scalar, args):
 @scalar_rule("Pow", dtypes=FLOATS + k.INT_DTYPES)
 def _pow(s: Scalar, args):
     x, y = args
-    if not k.is_float(x.dtype):
-        raise s.error(f"Pow of an integer base ({x.dtype}) is not lowered")
+    if not k.is_float(x.dtype) and y is not None:
+        return _int_pow(s, x, y)
     if y is None:  # the constant exponent 2: x * x, as exact as numpy's correctly rounded pow
         return k.Binary("*", x, x)
     if not k.is_float(y.dtype):  # numpy: x ** y.astype(x.dtype)
         return k.Binary("pow", x, k.cast(y, x.dtype))
     wide = "f64" if "f64" in (x.dtype, y.dtype) else x.dtype  # f32 ** f64 computes in f64
     return k.cast(k.Binary("pow", k.cast(x, wide), k.cast(y, wide)), x.dtype)
+
+
+def _int_pow(s: Scalar, x, y):
+    """The reference's integer Pow: a float exponent, or a negative one, computes in f64 and
+    truncates back (float -> integer casts saturate here); otherwise ``x ** y.astype(x.dtype)``
+    with wrapping products. That is square-and-multiply over every bit of the exponent's
+    two's-complement pattern (multiplication mod 2^n does not care about the order), unrolled
+    with selects -- the kernel IR has no data-dependent loops."""
+    as_float = k.cast(k.Binary("pow", k.cast(x, "f64"), k.cast(y, "f64")), x.dtype)
+    if k.is_float(y.dtype):
+        return as_float
+    bits = k.BITS[x.dtype]
+    pattern = s.let(k.cast(k.cast(y, x.dtype), "u" + x.dtype[1:]))
+    result, base = _c(1, x), x
+    for bit in range(bits):
+        shifted = k.Binary("/", pattern, _c(1 << bit, pattern))
+        half = k.Binary("/", pattern, _c(1 << (bit + 1), pattern)) if bit + 1 < bits else None
+        odd = shifted if half is None else k.Binary("-", shifted, k.Binary("*", half,
+                                                                           _c(2, pattern)))
+        result = s.let(k.Select(k.Compare("!=", odd, _c(0, pattern)),
+                                k.Binary("*", result, base), result))
+        if bit + 1 < bits:
+            base = s.let(k.Binary("*", base, base))
+    if not k.is_signed(y.dtype):
+        return result
+    return k.Select(k.Compare("<", y, _c(0, y)), as_float, result)
 
 
 @scalar_rule("Relu", dtypes=FLOATS + k.SIGNED_DTYPES)
@@ -552,11 +581,16 @@ def map_kernel(ctx: LowerContext, operands: Sequence[int],
                compute: Callable[[Scalar, list], object],
                shapes: Sequence[tuple] | None = None) -> BoundKernel:
     """out[i] = compute(operand_0[i'], ...) with numpy broadcasting of the given input slots
-    (``shapes``: how each operand broadcasts, if not by its own shape -- same element count)."""
+    (``shapes``: how each operand broadcasts, if not by its own shape -- same element count).
+
+    f16 operands are widened to f32 as they are loaded and an f16 result is rounded (to
+    nearest even) as it is stored: numpy computes float16 ufuncs in float32 the same way, so
+    one-operation ops (Add, Max, Sqrt, ...) are bit-exact; multi-step rules round once at the
+    end where numpy rounds after each step (at most an ulp of f16 apart)."""
     out_t = ctx.out_types[0]
     in_types = [ctx.in_types[i] for i in operands]
-    if ctx.node.op not in _COPY_OPS:
-        _check_compute_dtypes(ctx, [*in_types, out_t])
+    widen = ctx.node.op not in _COPY_OPS and any(
+        t.dtype == "f16" for t in [*in_types, out_t])
     shapes = shapes or [t.shape for t in in_types]
     out_view, views = coalesce(out_t.shape, shapes, ctx)
     kb = KernelBuilder(ctx)
@@ -567,13 +601,22 @@ def map_kernel(ctx: LowerContext, operands: Sequence[int],
     def fill(b: Block, idx: list) -> None:
         args = [b.let(Load(n, _operand_index(v, out_view, idx), t.dtype))
                 for n, v, t in zip(names, views, in_types)]
+        if widen:
+            args = [b.let(_widen(a)) for a in args]
         value = compute(Scalar(b, ctx.error, dict(ctx.attrs)), args)
+        if widen and out_t.dtype == "f16":
+            value = k.cast(value, "f16")
         if value.dtype != out_t.dtype:
             raise ctx.error(f"computes {value.dtype}, the result type is {out_t}")
         b.emit(k.Store(out, tuple(idx), value))
 
     inplace = sorted({(n, out) for n, t in zip(names, in_types) if t == out_t})
     return kb.build([nest(kb, out_view, fill)], inplace)
+
+
+def _widen(value):
+    """An f16 operand as f32 (exact); other dtypes as they are."""
+    return k.cast(value, "f32") if value.dtype == "f16" else value
 
 
 _COPY_OPS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -620,17 +663,26 @@ def lower_clip(ctx: LowerContext) -> BoundKernel:
 @lowering("Cast")
 def lower_cast(ctx: LowerContext) -> BoundKernel:
     target = ctx.out_types[0].dtype
-    _check_compute_dtypes(ctx, [ctx.in_types[0], ctx.out_types[0]])
+    if ctx.in_types[0].dtype == "f16" or target == "f16":  # one rounding, straight from the
+        return _direct_cast(ctx, target)                   # source (see codegen's _cast_f16)
     return map_kernel(ctx, [0], lambda s, args: k.cast(args[0], target))
+
+
+def _direct_cast(ctx: LowerContext, target: str) -> BoundKernel:
+    x = ctx.in_types[0]
+    kb = KernelBuilder(ctx)
+    src = kb.input(ctx.node.inputs[0], x.dtype, (x.numel,))
+    dst = kb.output(ctx.node.outputs[0], target, (x.numel,))
+    return kb.build([nest(kb, (x.numel,), lambda b, idx: b.emit(
+        k.Store(dst, tuple(idx), k.cast(Load(src, tuple(idx), x.dtype), target))))])
 
 
 @lowering("BatchNormalization")
 def lower_batch_norm(ctx: LowerContext) -> BoundKernel:
     """Inference form, as the reference: (x - mean) / sqrt(var + epsilon) * scale + B with the
-    per-channel operands broadcast along axis 1 (training mode needs batch statistics: the
-    graph must decompose it first)."""
+    per-channel operands broadcast along axis 1 (training mode: ``_batch_norm_training``)."""
     if ctx.attrs["training_mode"]:
-        raise ctx.error("training_mode=1 is not lowered (decompose it into reductions first)")
+        return _batch_norm_training(ctx)
     x = ctx.in_types[0]
     channel = (x.shape[1],) + (1,) * (x.rank - 2) if x.rank >= 2 else (x.numel,)
 
@@ -648,16 +700,91 @@ def lower_batch_norm(ctx: LowerContext) -> BoundKernel:
     return map_kernel(ctx, [0, 1, 2, 3, 4], compute, [x.shape] + [channel] * 4)
 
 
+def _batch_norm_training(ctx: LowerContext) -> BoundKernel:
+    """Batch statistics as the reference computes them (``x.mean``, then ``x.var`` as the mean
+    of ``(x - mean)**2``, in f32 for f16 data), the normalisation, and the running statistics
+    ``input_mean * momentum + mean * (1 - momentum)`` when the node has those outputs.
+
+    One parallel task per channel runs three passes over the channel's (batch, spatial)
+    elements -- sum, squared deviations, normalise -- so the statistics live in scalars and no
+    kernel needs scratch memory for them. The sums accumulate in f64 (numpy sums pairwise in
+    the data's dtype; both are close to the exact sum, so they agree to rounding)."""
+    x = ctx.in_types[0]
+    if x.rank < 2:
+        raise ctx.shape_error(f"X must have rank >= 2 (N, C, ...), got {x}")
+    work = "f32" if x.dtype == "f16" else x.dtype
+    batch, channels, inner = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    count = batch * inner
+    if count == 0:
+        raise ctx.shape_error(f"batch statistics of an empty batch ({x}) are undefined")
+    kb = KernelBuilder(ctx)
+    src = kb.input(ctx.node.inputs[0], x.dtype, (batch, channels, inner))
+    params = [kb.input(ctx.node.inputs[i], ctx.in_types[i].dtype, (channels,))
+              for i in range(1, 5)]
+    dst = kb.output(ctx.node.outputs[0], x.dtype, (batch, channels, inner))
+    running = [kb.output(ctx.node.outputs[i], ctx.out_types[i].dtype, (channels,))
+               if len(ctx.node.outputs) > i and ctx.node.outputs[i] is not None else None
+               for i in (1, 2)]
+
+    def channel(b: Block, c: Var) -> None:
+        def value(blk: Block, n, i):
+            return blk.let(_widen(Load(src, (n, c, i), x.dtype)))
+
+        def over_elements(fill: Callable[[Block, object, object], None]) -> None:
+            b.loop(batch, lambda nb, n: nb.loop(inner, lambda ib, i: fill(ib, n, i),
+                                                vectorize=True))
+
+        def batch_mean(term) -> object:
+            acc = b.let(Const(-0.0, "f64"), mutable=True)
+            over_elements(lambda blk, n, i: blk.emit(k.Accumulate(
+                acc.name, "add", k.cast(term(blk, n, i), "f64"))))
+            return b.let(k.Binary("/", k.cast(acc, work), Const(count, work)))
+
+        mean = batch_mean(value)
+        var = batch_mean(lambda blk, n, i: blk.let(k.Binary("*", *[k.Binary(
+            "-", value(blk, n, i), mean)] * 2)))
+        scale, shift = (b.let(k.cast(Load(params[j], (c,), ctx.in_types[j + 1].dtype), work))
+                        for j in (0, 1))
+        denom = b.let(k.Unary("sqrt", k.Binary("+", var, _c(ctx.attrs["epsilon"], var))))
+        over_elements(lambda blk, n, i: blk.emit(k.Store(dst, (n, c, i), k.cast(k.Binary(
+            "+", k.Binary("*", k.Binary("/", k.Binary("-", value(blk, n, i), mean), denom),
+                          scale), shift), x.dtype))))
+        for out, stat, j in zip(running, (mean, var), (2, 3)):
+            if out is not None:
+                b.emit(k.Store(out, (c,), _running_stat(ctx, Load(
+                    params[j], (c,), ctx.in_types[j + 1].dtype), stat)))
+
+    top = Block(kb)
+    top.loop(channels, channel, parallel=True)
+    return kb.build(top.stmts)
+
+
+def _running_stat(ctx: LowerContext, old, batch_stat):
+    """``old * momentum + batch_stat.astype(old.dtype) * (1 - momentum)`` in old's dtype (f16
+    computes in f32 and rounds after each operation, as numpy does)."""
+    dtype = old.dtype
+    wide = _widen(old)
+    new = k.cast(k.cast(batch_stat, dtype), wide.dtype)
+    momentum = ctx.attrs["momentum"]
+
+    def rounded(v):
+        return k.cast(k.cast(v, "f16"), "f32") if dtype == "f16" else v
+
+    kept = rounded(k.Binary("*", wide, k.cast(_c(momentum, old), wide.dtype)))
+    added = rounded(k.Binary("*", new, k.cast(_c(1 - momentum, old), wide.dtype)))
+    return k.cast(k.Binary("+", kept, added), dtype)
+
+
 @lowering("Dropout")
 def lower_dropout(ctx: LowerContext) -> BoundKernel:
     """Inference (no training_mode, or a constant false one, or ratio 0): the identity, and an
-    all-true mask if the node has that output. Training draws from numpy's generator, which
-    kernels do not reproduce."""
+    all-true mask if the node has that output. Training: ``_dropout_training``."""
     mode = ctx.in_values[2] if ctx.has_input(2) else np.asarray(False)
     ratio = ctx.in_values[1] if ctx.has_input(1) else np.asarray(0.5)
-    if mode is None or (bool(mode) and (ratio is None or float(ratio) != 0)):
-        raise ctx.error("training-mode Dropout is not lowered (its mask comes from numpy's "
-                        "random generator)")
+    if mode is None:
+        raise ctx.error("a run-time training_mode is not lowered (make it a constant)")
+    if bool(mode) and (ratio is None or float(ratio) != 0):
+        return _dropout_training(ctx, ratio)
     x, out_t = ctx.in_types[0], ctx.out_types[0]
     kb = KernelBuilder(ctx)
     n = x.numel
@@ -674,6 +801,48 @@ def lower_dropout(ctx: LowerContext) -> BoundKernel:
     return kb.build([nest(kb, (n,), fill)])
 
 
+def _dropout_training(ctx: LowerContext, ratio) -> BoundKernel:
+    """Training mode with a constant ratio. The reference draws its mask from
+    ``numpy.random.RandomState(seed)`` (seed 0 when absent): with a static shape and a fixed
+    seed the mask is a compile-time constant, so it is computed here *by the reference itself*
+    (same function, same generator: bit-identical) and baked into the kernel as a table. The
+    kernel then computes ``(mask * x * (1 / (1 - ratio))).astype(x.dtype)`` in the dtypes
+    numpy promotes to, and stores the mask output."""
+    if ratio is None:
+        raise ctx.error("training-mode Dropout needs a constant ratio to be lowered (its mask "
+                        "is precomputed from the seed)")
+    x, out_t = ctx.in_types[0], ctx.out_types[0]
+    call = registry.OpCall(ctx.node.op, ctx.node.name, ctx.attrs, tuple(ctx.in_types),
+                           tuple(ctx.in_values), 2)
+    _, mask = ctx.node.opdef.reference(call, np.zeros(x.shape, k.numpy_dtype(x.dtype)),
+                                       np.asarray(ratio), np.asarray(True))
+    factor = 1 / (1 - np.asarray(ratio))
+    wide = np.result_type(k.numpy_dtype(x.dtype), factor)
+    wide = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}.get(wide, "f64")
+    compute = "f32" if wide == "f16" else wide
+    n = x.numel
+    kb = KernelBuilder(ctx)
+    table = kb.table(np.asarray(mask, np.int64).ravel().tolist() or [0])
+    src = kb.input(ctx.node.inputs[0], x.dtype, (n,))
+    dst = kb.output(ctx.node.outputs[0], out_t.dtype, (n,))
+    mask_out = (kb.output(ctx.node.outputs[1], k.BOOL, (n,))
+                if len(ctx.node.outputs) > 1 and ctx.node.outputs[1] is not None else None)
+    scale = Const(float(np.asarray(factor, k.numpy_dtype(wide))), compute)
+
+    def fill(b: Block, idx: list) -> None:
+        keep = b.let(k.Compare("==", k.Lookup(table, idx[0]), Const(1, INDEX)))
+        v = _widen(Load(src, tuple(idx), x.dtype))
+        masked = k.Binary("*", v, k.Select(keep, Const(1.0, v.dtype), Const(0.0, v.dtype)))
+        y = k.Binary("*", k.cast(masked, compute), scale)
+        if wide == "f16":
+            y = k.cast(y, "f16")
+        b.emit(k.Store(dst, tuple(idx), k.cast(y, out_t.dtype)))
+        if mask_out is not None:
+            b.emit(k.Store(mask_out, tuple(idx), keep))
+
+    return kb.build([nest(kb, (n,), fill)])
+
+
 @lowering("FusedElementwise")
 def lower_fused(ctx: LowerContext) -> BoundKernel:
     """The body's tree, each operation through its op's scalar rule (literals take the dtype of
@@ -683,16 +852,26 @@ def lower_fused(ctx: LowerContext) -> BoundKernel:
     except fx.ExprError as exc:
         raise ctx.error(f"attribute 'expr': {exc}") from None
 
+    types = [t for t in [*ctx.in_types, *ctx.out_types] if t is not None]
+    narrow = all(t.dtype == "f16" for t in types)  # round after each op, as numpy does
+
     def compute(s: Scalar, args: list):
-        return _fused_value(ctx, tree, s.block, args)
+        return _fused_value(ctx, tree, s.block, args, narrow)
 
     return map_kernel(ctx, list(range(len(ctx.node.inputs))), compute)
 
 
-def _fused_value(ctx: LowerContext, expr, block: Block, args: list):
+def _fused_value(ctx: LowerContext, expr, block: Block, args: list, narrow: bool = False):
     if isinstance(expr, fx.Input):
         return args[expr.index]
-    operands = [None if isinstance(a, fx.Literal) else _fused_value(ctx, a, block, args)
+    value = _fused_op(ctx, expr, block, args, narrow)
+    if narrow and value.dtype == "f32":
+        value = block.let(k.cast(k.cast(value, "f16"), "f32"))
+    return value
+
+
+def _fused_op(ctx: LowerContext, expr, block: Block, args: list, narrow: bool):
+    operands = [None if isinstance(a, fx.Literal) else _fused_value(ctx, a, block, args, narrow)
                 for a in expr.args]
     sibling = next(o for o in operands if o is not None)
     for i, a in enumerate(expr.args):
@@ -928,6 +1107,8 @@ def lower_gather(ctx: LowerContext) -> BoundKernel:
     """out[a, j, b] = data[a, T[j], b] with the constant indices T (negative ones normalised)."""
     data, out_t = ctx.in_types[0], ctx.out_types[0]
     axis = normalize_axis(ctx.attrs["axis"], data.rank, ctx.opcall())
+    if ctx.in_values[1] is None:
+        return _gather_runtime(ctx, axis)
     indices = np.asarray(ctx.const_input(1, "indices")).astype(np.int64).ravel()
     outer, dim, inner = _around_axis(data.shape, axis)
     if indices.size and (indices.min() < -dim or indices.max() >= dim):
@@ -942,6 +1123,92 @@ def lower_gather(ctx: LowerContext) -> BoundKernel:
     body = _copy_nest(kb, dst, src, data.dtype, shape, lambda b, idx: tuple(idx),
                       lambda b, idx: (idx[0], k.Lookup(table, idx[1]), idx[2]))
     return kb.build([body])
+
+
+def _gather_runtime(ctx: LowerContext, axis: int) -> BoundFunction:
+    """Run-time indices: out[a, j, b] = data[a, wrap(idx[j]), b] where a negative index counts
+    from the end. The index is data, so it enters the address through ``IndexOf``, clamped into
+    the axis: a bad index can never read outside ``data``. A second, serial top-level loop
+    scans the indices and writes ``[count, first bad index]`` to an error slot, an array the
+    compiled model keeps (a ``BoundFunction`` constant); ``raise_run_errors`` turns a non-zero
+    count into a ``FeedError`` naming this node after the run."""
+    data, idx_t, out_t = ctx.in_types[0], ctx.in_types[1], ctx.out_types[0]
+    if idx_t.dtype not in ("i32", "i64"):
+        raise ctx.error(f"indices must be i32 or i64, got {idx_t.dtype}")
+    outer, dim, inner = _around_axis(data.shape, axis)
+    count = idx_t.numel
+    if dim == 0 and count and outer * inner:
+        raise ctx.shape_error(f"gathers {count} indices from an empty axis {axis} of {data}")
+    kb = KernelBuilder(ctx)
+    src = kb.input(ctx.node.inputs[0], data.dtype, (outer, dim, inner))
+    indices = kb.input(ctx.node.inputs[1], idx_t.dtype, (count,))
+    slot_value = f"{ctx.node.name}:index_errors"
+    slot = kb.output(slot_value, "i64", (2,))
+    shape = (outer, count, inner)
+    dst = kb.output(ctx.node.outputs[0], out_t.dtype, shape)
+
+    def wrapped(b: Block, j):
+        v = b.let(Load(indices, (j,), idx_t.dtype))
+        return b.let(k.Select(k.Compare("<", v, _c(0, v)), k.Binary("+", v, _c(dim, v)), v))
+
+    def fill(b: Block, idx: list) -> None:
+        row = k.IndexOf(wrapped(b, idx[1]), 0, max(dim - 1, 0))
+        b.emit(k.Store(dst, tuple(idx), Load(src, (idx[0], row, idx[2]), data.dtype)))
+
+    body = [nest(kb, shape, fill)] if math.prod(shape) else []
+    body.append(_index_check(kb, indices, idx_t.dtype, count, dim, slot))
+    bound = kb.build(body)
+    errors = np.zeros(2, np.int64)
+
+    def emit(module, symbol: str):
+        from .llvm.codegen import emit_kernel
+
+        return emit_kernel(module, bound.kernel, symbol)
+
+    def check() -> None:
+        if errors[0]:
+            raise FeedError(f"Gather node '{ctx.node.name}': {int(errors[0])} indices out of "
+                            f"range [{-dim}, {dim - 1}] for axis {axis} of data {data}, the "
+                            f"first is {int(errors[1])}")
+
+    return BoundFunction(bound.kernel.name, emit, bound.values, {slot_value: errors},
+                         text=str(bound.kernel), check=check)
+
+
+def _index_check(kb: KernelBuilder, indices: str, dtype: str, count: int, dim: int,
+                 slot: str) -> k.For:
+    """One serial task: slot = [number of indices outside [-dim, dim), the first of them]."""
+    top = Block(kb)
+
+    def scan(b: Block, _) -> None:
+        bad = b.let(Const(0, "i64"), mutable=True)
+        first = b.let(Const(0, "i64"), mutable=True)
+
+        def visit(blk: Block, j) -> None:
+            v = blk.let(k.cast(Load(indices, (j,), dtype), "i64"))
+            out = blk.let(k.Binary("|", k.Compare("<", v, Const(-dim, "i64")),
+                                   k.Compare(">=", v, Const(dim, "i64"))))
+            new = k.Binary("&", out, k.Compare("==", bad, Const(0, "i64")))
+            blk.emit(k.Assign(first.name, k.Select(new, v, first)))
+            blk.emit(k.Accumulate(bad.name, "add", k.Select(out, Const(1, "i64"),
+                                                             Const(0, "i64"))))
+
+        if count:
+            b.loop(count, visit)
+        b.emit(k.Store(slot, (Const(0, INDEX),), bad))
+        b.emit(k.Store(slot, (Const(1, INDEX),), first))
+
+    top.loop(1, scan)
+    return top.stmts[0]
+
+
+def raise_run_errors(bound: Sequence) -> None:
+    """After a run: raise the ``FeedError`` a kernel recorded (e.g. a Gather index out of
+    range). Backends call this with the bound kernels of the run, in order."""
+    for b in bound:
+        check = getattr(b, "check", None)
+        if check is not None:
+            check()
 
 
 # -- reductions -------------------------------------------------------------------------------
@@ -1226,4 +1493,4 @@ def _softmax_rows(kb: KernelBuilder, src: str, dst: str, dtype: str, view: tuple
 
 
 # the per-family lowering modules register into LOWERINGS on import
-from . import lower_gemm, lower_window  # noqa: F401
+from . import lower_conv, lower_gemm, lower_grad, lower_window  # noqa: F401

@@ -21,8 +21,14 @@ Compile-time work (kept alive by the compiled model as ``BoundFunction.constants
 
 * a constant B is packed once with the kernel's ``pack_b`` (the pre-packed kernel then reads it
   without copying);
-* Gemm's transposed operands must be constants and are transposed here; ``alpha`` is folded
-  into a constant B (else A), ``beta`` into a constant C;
+* Gemm's constant transposed operands are transposed here; a run-time transposed A or B is
+  read in place by the kernel's transposed packing (``EpilogueSpec.trans_a`` / ``trans_b``;
+  measured no slower than a separate transpose, and it needs no scratch or barrier);
+  ``alpha`` is folded into a constant B (else A), ``beta`` into a constant C;
+* a run-time C that needs ``beta`` or a broadcast, and a full [M, N] C together with Z (the
+  kernel adds one [M, N] operand), go through a ``prepare_c`` step before the GEMM: the
+  threads write ``beta * C (+ Z)`` into a compile-time scratch array, and the barrier after
+  the step makes it whole before the GEMM reads it as its bias or residual;
 * each node's activation parameters are a small array; the per-thread workspace
   (``GemmBlocking.workspace_floats`` floats per possible thread, ``available_cores()``
   threads) is ONE array shared by every GEMM of the model, since steps never overlap in time.
@@ -31,13 +37,14 @@ Invariants: float32 only; C never overlaps A, B or R -- ``memory_plan.inplace_op
 no in-place slot to these (``out-fusable``) ops; a plan made with ``inplace_with_residual``
 would alias Y with Z, which this kernel does not allow (it keeps partial sums in C), so
 ``lower_node`` callers must not use that rule with these lowerings. Inputs the lowering cannot
-express raise ``LoweringError`` naming the node (see ``_gemm_operand`` and ``_gemm_c``).
+express (alpha != 1 with both A and B run-time) raise ``LoweringError`` naming the node.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -315,14 +322,18 @@ def lower_matmul(ctx: LowerContext) -> BoundFunction:
 
 # -- Gemm and FusedGemm ---------------------------------------------------------------------------
 @lowering("Gemm", "FusedGemm")
-def lower_gemm(ctx: LowerContext) -> BoundFunction:
-    """activation(alpha * A' @ B' + beta * C + Z): transposes and factors are applied to
-    constant operands at compile time; C becomes a column bias, a row bias or the residual."""
+def lower_gemm(ctx: LowerContext) -> list[BoundFunction]:
+    """activation(alpha * A' @ B' + beta * C + Z): a constant operand is transposed and scaled
+    at compile time; a run-time transposed A or B is read transposed by the kernel's packing.
+    C becomes a column bias, a row bias or the residual; a run-time C that needs scaling or
+    broadcasting, or a full C together with Z, is first combined by a ``prepare_c`` step."""
     _check_f32(ctx)
     attrs, node = ctx.attrs, ctx.node
     m, n = ctx.out_types[0].shape
     a_value, b_value = _gemm_operand(ctx, 0, "transA"), _gemm_operand(ctx, 1, "transB")
-    k = (a_value.shape[1] if a_value is not None else ctx.in_types[0].shape[1])
+    trans_a = bool(attrs["transA"]) and a_value is None
+    trans_b = bool(attrs["transB"]) and b_value is None
+    k = ctx.in_types[0].shape[0 if attrs["transA"] else 1]
     alpha = attrs["alpha"]
     if alpha != 1:
         if b_value is not None:
@@ -332,7 +343,6 @@ def lower_gemm(ctx: LowerContext) -> BoundFunction:
         else:
             raise ctx.error(f"alpha={alpha} needs a constant A or B to fold it into")
     activation, params = _epilogue(ctx)
-    has_z = len(node.inputs) > 3 and node.inputs[3] is not None
     values = {"a": node.inputs[0], "c": node.outputs[0]}
     extra: dict = {}
     if a_value is not None and a_value is not ctx.in_values[0]:
@@ -344,61 +354,120 @@ def lower_gemm(ctx: LowerContext) -> BoundFunction:
         extra[values["b"]] = data
     else:
         values["b"] = node.inputs[1]
-    bias, residual = _gemm_c(ctx, m, n, has_z, values, extra)
-    if has_z:
-        values["r"] = node.inputs[3]
-    spec = EpilogueSpec(b_value is not None, bias, residual or has_z, activation)
-    call = GemmCall(spec, m, n, k, {"a": k, "b": n, "c": n, "r": n}, (), values)
-    return gemm_function(ctx, call, _constants(ctx, params, extra))
+    bias, residual, steps = _gemm_c(ctx, m, n, values, extra)
+    spec = EpilogueSpec(b_value is not None, bias, residual, activation, trans_a, trans_b)
+    lds = {"a": m if trans_a else k, "b": k if trans_b else n, "c": n, "r": n}
+    call = GemmCall(spec, m, n, k, lds, (), values)
+    return steps + [gemm_function(ctx, call, _constants(ctx, params, extra))]
 
 
 def _gemm_operand(ctx: LowerContext, i: int, trans: str) -> np.ndarray | None:
     """The constant value of A (i=0) or B (i=1) as used (transposed if asked); None for a
-    run-time operand, which must then not be transposed."""
+    run-time operand (the kernel reads it in its stored layout)."""
     value = ctx.in_values[i]
     if value is None:
-        if ctx.attrs[trans]:
-            raise ctx.error(f"{trans}=1 on a run-time {'AB'[i]} is not lowered (only constant "
-                            f"operands are transposed, at compile time)")
         return None
     value = np.asarray(value, np.float32)
     return np.ascontiguousarray(value.T) if ctx.attrs[trans] else value
 
 
-def _gemm_c(ctx: LowerContext, m: int, n: int, has_z: bool, values: dict,
-            extra: dict) -> tuple[str, bool]:
-    """Place C: ("col" | "row" | "", is_residual); fills values["bias"] or values["r"]."""
+def _gemm_c(ctx: LowerContext, m: int, n: int, values: dict,
+            extra: dict) -> tuple[str, bool, list[BoundFunction]]:
+    """Place beta * C and Z: (bias kind "col" | "row" | "", whether the kernel reads a
+    residual, the steps to run before the GEMM); fills values["bias"] and values["r"]."""
+    node = ctx.node
+    z = node.inputs[3] if ctx.has_input(3) else None
+    if z is not None:
+        values["r"] = z
     if not ctx.has_input(2):
-        return "", False
-    node, beta = ctx.node, ctx.attrs["beta"]
-    shape = ctx.in_types[2].shape
+        return "", z is not None, []
+    beta, shape = np.float32(ctx.attrs["beta"]), ctx.in_types[2].shape
     cm, cn = ((1, 1) + tuple(shape))[-2:]
-    c_value = ctx.in_values[2]
-    if c_value is not None:
-        c_value = np.asarray(c_value, np.float32)
-        if beta != 1:
-            c_value = c_value * np.float32(beta)
-    elif beta != 1:
-        raise ctx.error(f"beta={beta} with a run-time C is not lowered (beta is folded into a "
-                        f"constant C)")
+    size = math.prod(shape)
     if cm == 1 and cn == n:
-        kind, role = "col", "bias"
+        kind, role, count = "col", "bias", n
     elif cm == m and cn == 1:
-        kind, role = "row", "bias"
+        kind, role, count = "row", "bias", m
     elif (cm, cn) == (m, n):
-        if has_z:
-            raise ctx.error("a full [M, N] C together with a residual Z is not lowered (the "
-                            "kernel adds one [M, N] operand)")
-        kind, role = "", "r"
-    elif c_value is not None:  # a scalar-like constant C: spread it over a column bias
-        c_value = np.broadcast_to(c_value.reshape(-1)[:1], (n,))
-        kind, role = "col", "bias"
+        kind, role, count = "", "r", m * n
+    elif size == 1:            # a scalar-like C: spread over a column bias
+        kind, role, count = "col", "bias", n
     else:
-        raise ctx.error(f"a run-time C of shape {tuple(shape)} broadcast to ({m}, {n}) is not "
-                        f"lowered (C must be [N], [1, N], [M, 1] or [M, N])")
-    if c_value is not None and (beta != 1 or c_value.size != math.prod(shape)):
+        raise ctx.error(f"C of shape {tuple(shape)} does not broadcast to ({m}, {n})")
+    c_value = ctx.in_values[2]
+    if role == "r" and z is not None:  # two [M, N] addends: R = beta * C + Z, in scratch
+        c = _c_source(node, c_value, extra)
+        return "", True, [_prepare_c(ctx, values, extra, role, (c, z), beta, 1, count)]
+    if c_value is not None:    # folded now: beta, and the broadcast of a scalar-like C
+        c_value = np.broadcast_to(np.asarray(c_value, np.float32).reshape(-1), (count,))
         values[role] = f"{node.name}/c"
-        extra[values[role]] = np.ascontiguousarray(c_value, np.float32).reshape(-1)
-    else:
+        extra[values[role]] = np.ascontiguousarray(c_value * beta, np.float32)
+        return kind, role == "r" or z is not None, []
+    if beta == 1 and size == count:
         values[role] = node.inputs[2]
-    return kind, role == "r"
+        return kind, role == "r" or z is not None, []
+    stride = 1 if size == count else 0
+    step = _prepare_c(ctx, values, extra, role, (node.inputs[2],), beta, stride, count)
+    return kind, role == "r" or z is not None, [step]
+
+
+def _c_source(node, c_value, extra: dict) -> str:
+    """The name C is read under: the graph value, or a compile-time copy of a constant C."""
+    if c_value is None:
+        return node.inputs[2]
+    name = f"{node.name}/c"
+    extra[name] = np.ascontiguousarray(np.asarray(c_value, np.float32).reshape(-1))
+    return name
+
+
+def _prepare_c(ctx: LowerContext, values: dict, extra: dict, role: str, sources: tuple,
+               beta: np.float32, c_stride: int, count: int) -> BoundFunction:
+    """A step ``out[i] = beta * C[i * c_stride] (+ Z[i])`` for i < count, split among the
+    threads, into a compile-time scratch array that the GEMM then reads as ``role``. The
+    barrier after the step makes every thread's part visible to the GEMM's threads."""
+    out = f"{ctx.node.name}/c_prepared"
+    extra[out] = aligned_floats(count)
+    values[role] = out
+    arrays = {name: extra[name] for name in (*sources, out) if name in extra}
+
+    def emit(module: ir.Module, symbol: str) -> ir.Function:
+        fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PF] * (len(sources) + 1)
+                                                 + [I32, I32]), symbol)
+        fn.linkage = "internal"
+        *ptrs, dst, tid, n_threads = fn.args
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        chunk = b.sdiv(b.add(I64(count), b.sub(b.sext(n_threads, I64), I64(1))),
+                       b.sext(n_threads, I64))
+        lo = b.mul(b.sext(tid, I64), chunk)
+        hi = b.add(lo, chunk)
+        hi = b.select(b.icmp_signed("<", hi, I64(count)), hi, I64(count))
+        with _counted_loop(b, lo, hi) as i:
+            c = b.load(b.gep(ptrs[0], [b.mul(i, I64(c_stride))], inbounds=True))
+            y = b.fmul(c, ir.Constant(F32, float(beta))) if beta != 1 else c
+            if len(ptrs) > 1:
+                y = b.fadd(y, b.load(b.gep(ptrs[1], [i], inbounds=True)))
+            b.store(y, b.gep(dst, [i], inbounds=True))
+        b.ret_void()
+        return fn
+
+    what = " + Z" if len(sources) > 1 else ""
+    text = (f"prepare C: {count} floats = {float(beta):g} * C"
+            f"{'[0]' if c_stride == 0 else ''}{what}")
+    return BoundFunction(f"{ctx.name}_c", emit, (*sources, out), arrays, text)
+
+
+@contextmanager
+def _counted_loop(b: ir.IRBuilder, start, stop):
+    """``for i in range(start, stop)`` (i64); the body is emitted inside the ``with``."""
+    pre = b.block
+    head, body, done = (b.append_basic_block(x) for x in ("loop.head", "loop.body", "loop.done"))
+    b.branch(head)
+    b.position_at_end(head)
+    i = b.phi(I64, name="i")
+    i.add_incoming(start, pre)
+    b.cbranch(b.icmp_signed("<", i, stop), body, done)
+    b.position_at_end(body)
+    yield i
+    i.add_incoming(b.add(i, I64(1)), b.block)
+    b.branch(head)
+    b.position_at_end(done)

@@ -503,8 +503,8 @@ def test_emit_kernel_checks_its_input():
     params = (k.Buffer("x", "f64", (2,)), k.Buffer("y", "f16", (2,), output=True))
     store = k.Store("y", (i,), k.Cast(k.Load("x", (i,), "f64"), "f16"))
     casting = k.Kernel("cast16", params, (k.For("i", 2, (store,)),))
-    with pytest.raises(KernelCodegenError, match="f64 -> f16"):
-        emit_kernel(module, casting)
+    emit_kernel(module, casting)  # f64 -> f16 rounds to odd f32 first: no compiler-rt call
+    assert "__truncdfhf2" not in str(module)
 
 
 def test_kernels_run_under_the_runtime_entry():

@@ -335,6 +335,45 @@ def test_non_contiguous_columns_are_copied(rng):
     assert_gemm_close(Sgemm(1)(a, b), *reference(a, b))
 
 
+# -- small M (a GEMV) and transposed operands ----------------------------------------------------
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 5, 517])
+@pytest.mark.parametrize("n", [1, 17, 70])
+def test_small_m_rotating_accumulators(rng, m, k, n):
+    """Tiles of 1..3 rows sum k over several accumulator chains: still exact to the bound,
+    and the same bits whatever the thread split or packing."""
+    a, b, bias = rand(rng, m, k), rand(rng, k, n), rand(rng, n)
+    one = Sgemm(1)(a, b, bias=bias, activation="relu")
+    assert_gemm_close(one, *reference(a, b, bias, activation="relu"))
+    two = threaded(2)
+    np.testing.assert_array_equal(two(a, two.pack_b(b), bias=bias, activation="relu"), one)
+
+
+@pytest.mark.parametrize("blocking", [DEFAULT, TINY], ids=["default", "tiny"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,n,k", [(1, 3, 5), (2, 33, 17), (3, 70, 600), (37, 20, 3),
+                                   (45, 83, 29)])
+def test_transposed_views_are_packed_in_place(rng, blocking, threads, m, n, k):
+    """``x.T`` operands (dW = X^T dY, dX = dY W^T) are read transposed by the packing."""
+    at, bt = rand(rng, k, m), rand(rng, n, k)
+    a, b = np.ascontiguousarray(at.T), np.ascontiguousarray(bt.T)
+    bias, residual = rand(rng, n), rand(rng, m, n)
+    sgemm = threaded(threads, blocking)
+    want = reference(a, b, bias, residual=residual, activation="tanh")
+    for x, y in ((at.T, b), (a, bt.T), (at.T, bt.T)):
+        got = sgemm(x, y, bias=bias, residual=residual, activation="tanh")
+        assert_gemm_close(got, *want)
+    wide = rand(rng, k, m + 5)[:, :m]        # a row stride larger than the row
+    assert_gemm_close(sgemm(wide.T, b), *reference(np.ascontiguousarray(wide.T), b))
+
+
+def test_transposed_kernels_are_distinct_specs():
+    assert EpilogueSpec(trans_a=True).tag == "ta"
+    assert EpilogueSpec(trans_b=True, bias="col").tag == "bcol_tb"
+    with pytest.raises(InvalidAttributeError, match="pre-packed B"):
+        EpilogueSpec(prepacked_b=True, trans_b=True)
+
+
 # -- errors ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("call, error, match", [
     (lambda s, a, b: s(a.astype(np.float64), b), ShapeError, "float32"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +21,8 @@ from backends.llvm.runtime import (
     build_entry,
     default_threads,
 )
+
+two_cores = pytest.mark.skipif(available_cores() < 2, reason="needs 2 cores")
 
 F32P = ir.FloatType().as_pointer()
 _names = itertools.count()
@@ -45,7 +49,7 @@ def _split_loop(fn, n: int, body):
     ir.IRBuilder(done).ret_void()
 
 
-def _module(n: int, barriers: bool = True):
+def _module(n: int, barriers: bool = True, profile: bool | None = None):
     """y = 2x (split by thread), then z[i] = y[n-1-i] + 1: z needs every thread's part of y."""
     module = ir.Module(name=f"runtime_test_{next(_names)}")
     fnty = ir.FunctionType(ir.VoidType(), [F32P, F32P, I32, I32])
@@ -59,7 +63,7 @@ def _module(n: int, barriers: bool = True):
                ir.Constant(ir.FloatType(), 1.0)),
         b.gep(mirror.args[1], [i])))
     entry = build_entry(module, [KernelCall(double, (0, 1), barriers), KernelCall(mirror, (1, 2))],
-                        name=f"{module.name}_entry")
+                        name=f"{module.name}_entry", profile=profile)
     return host_target().compile(module).address(entry.name)
 
 
@@ -124,3 +128,86 @@ def test_entry_checks_kernel_arity():
     ir.IRBuilder(fn.append_basic_block()).ret_void()
     with pytest.raises(Exception, match="takes 1 pointers, step 0 passes 2"):
         build_entry(module, [KernelCall(fn, (0, 1))], name="e_arity")
+
+
+def _check_runs(runner, n: int, runs: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(runs):
+        x = rng.standard_normal(n).astype(np.float32)
+        y, z = np.empty_like(x), np.empty_like(x)
+        runner.run(_table(x, y, z))
+        np.testing.assert_array_equal(z, (2 * x)[::-1] + 1)
+
+
+def _graph_workers() -> int:
+    return sum(t.name.startswith("graphc-graph") for t in threading.enumerate())
+
+
+@two_cores
+def test_workers_persist_between_runs_and_idle_without_cpu():
+    """The pool's threads serve every run (none started per run) and, once their bounded
+    spin after the last run is over, sleep: the process burns almost no CPU while idle."""
+    before = _graph_workers()
+    runner = ThreadedRunner(_module(257), 2)
+    assert _graph_workers() == before + 1
+    _check_runs(runner, 257, 200)
+    assert _graph_workers() == before + 1
+    time.sleep(0.05)                        # the spin (SPIN_S) is long over
+    cpu, wall = time.process_time(), time.perf_counter()
+    time.sleep(0.5)
+    busy = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    assert busy < 0.1, f"idle runner used {busy:.0%} of a core"
+    _check_runs(runner, 257, 5, seed=1)     # sleeping workers wake up for the next run
+    runner.close()
+    runner.close()                          # idempotent
+    assert _graph_workers() == before
+    with pytest.raises(RuntimeConfigError, match="closed"):
+        runner.run(_table(*(np.zeros(257, np.float32),) * 3))
+
+
+@two_cores
+def test_a_dropped_runner_ends_its_workers():
+    before = _graph_workers()
+    runner = ThreadedRunner(_module(9), 2)
+    _check_runs(runner, 9, 3)
+    del runner
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while _graph_workers() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _graph_workers() == before
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_profiled_entry_counts_cycles_per_step_and_thread(threads):
+    if threads > available_cores():
+        pytest.skip("needs more cores")
+    n = 4099
+    runner = ThreadedRunner(_module(n, profile=True), threads)
+    profile = runner.profile
+    assert profile is not None and profile.runs == 0
+    _check_runs(runner, n, 7)                # profiling must not change the results
+    assert profile.runs == 7
+    assert profile.cycles.shape == (threads, 2, 2)
+    assert (profile.cycles[:, :, 0] > 0).all(), profile.cycles  # every thread timed each kernel
+    assert len(profile.labels) == 2 and profile.labels[0].endswith("_double")
+    report = runner.profile_report()
+    assert all(label in report for label in profile.labels) and "7 runs" in report
+    profile.reset()
+    assert profile.runs == 0 and not profile.cycles.any()
+    runner.close()
+
+
+def test_profiling_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("GRAPHC_PROFILE", "1")
+    assert ThreadedRunner(_module(5), 1).profile is not None
+    monkeypatch.setenv("GRAPHC_PROFILE", "0")
+    plain = ThreadedRunner(_module(5), 1)
+    assert plain.profile is None and "not profiled" in plain.profile_report()
+    _check_runs(plain, 5, 2)
+
+
+def test_table_must_be_a_pointer_array():
+    runner = ThreadedRunner(_module(5), 1)
+    with pytest.raises(RuntimeConfigError, match="pointer table"):
+        runner.run(np.zeros(3, np.float32))

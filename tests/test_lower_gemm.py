@@ -178,27 +178,63 @@ def test_gemm_matches_the_interpreter(case):
     check(g, feeds, k)
 
 
-@pytest.mark.parametrize("what,match", [
-    ("run-time transB", "transB=1 on a run-time B"),
-    ("run-time C with beta", "beta=0.5 with a run-time C"),
-    ("full C and Z", "full .* C together with a residual"),
-    ("run-time alpha", "alpha=2.0 needs a constant"),
-])
-def test_uncovered_gemm_forms_are_lowering_errors_naming_the_node(what, match):
+RUNTIME_CASES = [  # M, K, N, transA, transB, beta, C shape, C constant, Z, activation
+    (1, 5, 3, 1, 0, 1.0, None, False, False, ""),              # dW = X^T dY, batch 5
+    (37, 3, 20, 1, 0, 1.0, (20,), False, False, "relu"),        # run-time column bias
+    (2, 17, 33, 0, 1, 1.0, (33,), True, False, ""),             # dX = dY W^T
+    (3, 600, 7, 1, 1, 0.5, (3, 1), False, False, ""),           # K crosses 512; beta, row C
+    (13, 9, 40, 1, 1, 1.0, (13, 40), False, True, "tanh"),      # full C and Z
+    (2, 7, 5, 0, 0, -2.0, (2, 5), True, True, ""),              # constant full C, beta, Z
+    (3, 4, 6, 0, 1, 0.25, (), False, True, "sigmoid"),          # run-time scalar C
+    (1, 70, 33, 1, 0, 2.0, (1, 33), False, False, ""),          # beta, run-time [1, N] C
+    (2, 3, 9, 0, 0, 3.0, (2, 9), False, False, "relu"),         # beta, run-time full C
+]
+
+
+@pytest.mark.parametrize("case", RUNTIME_CASES, ids=range(len(RUNTIME_CASES)))
+def test_gemm_of_run_time_operands_matches_the_interpreter(case):
+    """Transposed run-time A and B (as autodiff's dW = X^T dY makes), beta with a run-time C,
+    and a full C together with Z: all lowered, none a LoweringError."""
+    m, k, n, ta, tb, beta, c_shape, c_const, z, activation = case
+    rng = np.random.default_rng(m * 1000 + k * 10 + n)
     g = graphc.Graph("gemm")
-    a, b = g.input("a", (3, 4)), g.input("b", (4, 5))
-    if what == "run-time transB":
-        y = ops.apply("Gemm", (a, g.input("bt", (5, 4))), transB=1, name="fc")
-    elif what == "run-time C with beta":
-        y = ops.apply("Gemm", (a, b, g.input("c", (5,))), beta=0.5, name="fc")
-    elif what == "full C and Z":
-        y = ops.apply("FusedGemm", (a, b, g.input("c", (3, 5)), g.input("z", (3, 5))),
-                      name="fc")
+    a_shape, b_shape = ((k, m) if ta else (m, k)), ((n, k) if tb else (k, n))
+    feeds = {"a": _rand(rng, a_shape), "b": _rand(rng, b_shape)}
+    operands = [g.input("a", a_shape), g.input("b", b_shape), None]
+    if c_shape is not None and c_const:
+        operands[2] = g.constant(_rand(rng, c_shape))
+    elif c_shape is not None:
+        operands[2] = g.input("c_in", c_shape)
+        feeds["c_in"] = _rand(rng, c_shape)
+    if z:
+        operands.append(g.input("z_in", (m, n)))
+        feeds["z_in"] = _rand(rng, (m, n))
+    attrs = {"transA": ta, "transB": tb, "beta": beta}
+    if z or activation:
+        y = ops.apply("FusedGemm", tuple(operands), activation=activation,
+                      activation_params=list(PARAMS.get(activation, ())), **attrs)
     else:
-        y = ops.apply("Gemm", (a, b), alpha=2.0, name="fc")
+        y = ops.apply("Gemm", tuple(o for o in operands if o is not None), **attrs)
     g.output(y)
-    with pytest.raises(LoweringError, match=f"node 'fc'.*{match}"):
+    check(g, feeds, k)
+
+
+def test_run_time_alpha_is_a_lowering_error_naming_the_node():
+    g = graphc.Graph("gemm")
+    g.output(ops.apply("Gemm", (g.input("a", (3, 4)), g.input("b", (4, 5))), alpha=2.0,
+                       name="fc"))
+    with pytest.raises(LoweringError, match="node 'fc'.*alpha=2.0 needs a constant"):
         CpuModel(g, threads=1)
+
+
+def test_prepared_c_shows_in_the_kernel_dump():
+    g = graphc.Graph("gemm")
+    a, b = g.input("a", (4, 3)), g.input("b", (4, 5))
+    g.output(ops.apply("FusedGemm", (a, b, g.input("c", (3, 5)), g.input("z", (3, 5))),
+                       transA=1, beta=0.5, name="fc"))
+    spec = CpuModel(g, threads=1).specialise({})
+    text = spec.kernel_text()
+    assert "prepare C: 15 floats = 0.5 * C + Z" in text and "_ta" in text
 
 
 # -- the memory plan never aliases a GEMM's output with an operand ------------------------------

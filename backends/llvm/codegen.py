@@ -27,7 +27,10 @@ Numerics (what the kernel IR leaves to the target):
   inputs and results, overflow and underflow) as C99;
 * f64 transcendental functions and ``pow`` call the C library (``exp``, ``log``, ..., ``powf``,
   ``pow``), which MCJIT resolves in the process; such loops stay scalar;
-* f16 values are loaded and stored as ``half``; math on them is done in f32 and rounded.
+* f16 values are loaded and stored as ``half``; math on them is done in f32 and rounded
+  (round to nearest even, as numpy); casts between f16 and other types are exact, see
+  ``_cast_f16``;
+* ``IndexOf`` widens integer data to i64 and clamps it with integer min/max (no branch).
 """
 
 from __future__ import annotations
@@ -425,6 +428,8 @@ class _KernelEmitter:
             return self.b.load(ptr)
         if isinstance(e, k.Cast):
             return self._cast(self.value(e.x), e.x.dtype, e.dtype)
+        if isinstance(e, k.IndexOf):
+            return self._index_of(e)
         if isinstance(e, k.Select):
             return self.b.select(self.value(e.cond), self.value(e.a), self.value(e.b))
         if isinstance(e, k.Unary):
@@ -434,6 +439,15 @@ class _KernelEmitter:
         if isinstance(e, k.Binary):
             return self._binary(e)
         raise KernelCodegenError(f"kernel '{self.kernel.name}': unknown expression {e!r}")
+
+    def _index_of(self, e: k.IndexOf) -> ir.Value:
+        """Integer data widened to i64 (sign- or zero-extended) and clamped into [lo, hi]."""
+        x = self._cast(self.value(e.x), e.x.dtype, "i64") if e.x.dtype != "u64" else None
+        if x is None:  # u64 beyond i64's range: clamp while still unsigned
+            raw = self.value(e.x)
+            big = self.b.icmp_unsigned(">", raw, I64(e.hi))
+            return self.b.select(big, I64(e.hi), self._max_min("max", INDEX, raw, I64(e.lo)))
+        return self._max_min("min", INDEX, self._max_min("max", INDEX, x, I64(e.lo)), I64(e.hi))
 
     @staticmethod
     def _const(c: k.Const) -> ir.Constant:
@@ -536,8 +550,7 @@ class _KernelEmitter:
         if src == dst:
             return x
         if "f16" in (src, dst) and not {src, dst} <= {"f16", "f32"}:
-            # no double rounding through f32 and no compiler-rt call: only f16 <-> f32
-            raise KernelCodegenError(f"cast {src} -> {dst} is not implemented (only f16<->f32)")
+            return self._cast_f16(x, src, dst)
         ty = llvm_type(dst)
         if dst == k.BOOL:
             if k.is_float(src):
@@ -558,6 +571,29 @@ class _KernelEmitter:
         if k.BITS[dst] == k.BITS[src]:
             return x
         return b.sext(x, ty) if k.is_signed(src) else b.zext(x, ty)
+
+
+    def _cast_f16(self, x, src: str, dst: str) -> ir.Value:
+        """Casts between f16 and a type other than f32 go through f32, which needs no
+        compiler-rt call and is exact: every f16 is an f32, an integer or bool rounds to f32
+        exactly where f16 can hold it (|v| < 2^24; beyond, both roundings overflow to inf).
+        Only f64 -> f16 could round twice; it rounds to f32 *to odd* first (truncate, then set
+        the last bit if inexact), after which the f32 -> f16 rounding is the correct one (f32
+        keeps more than 11 + 2 bits)."""
+        if src == "f16":
+            return self._cast(self.b.fpext(x, F32), "f32", dst)
+        if src != "f64":
+            return self.b.fptrunc(self._cast(x, src, "f32"), F16)
+        b = self.b
+        nearest = b.fptrunc(x, F32)
+        exact = b.fcmp_ordered("==", b.fpext(nearest, F64), x)
+        fabs64 = intrinsic(self.module, "llvm.fabs.f64", F64, [F64])
+        too_far = b.fcmp_ordered(">", b.call(fabs64, [b.fpext(nearest, F64)]), b.call(fabs64, [x]))
+        bits = b.bitcast(nearest, I32)
+        toward_zero = b.select(too_far, b.sub(bits, I32(1)), bits)  # one ulp back, same sign
+        odd = b.bitcast(b.or_(toward_zero, I32(1)), F32)
+        keep = b.or_(exact, b.fcmp_unordered("uno", x, x))  # exact values and NaN as they are
+        return b.fptrunc(b.select(keep, nearest, odd), F16)
 
 
 def emit_kernel(module: ir.Module, kernel: Kernel, symbol: str | None = None) -> ir.Function:

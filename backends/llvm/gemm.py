@@ -21,6 +21,16 @@ Algorithm (Goto / BLIS loop nest)::
               C tile = acc (first K block) or C tile + acc (later ones); on the last K block
               C tile = activation(acc + C + bias + residual), all before the one store
 
+Small M (a GEMV, M = 1..3 rows in a tile): r*NR/16 accumulators are too few to hide the FMA
+latency, so such tiles rotate their unrolled k steps over ``FMA_CHAINS // (r*NR/16)``
+independent accumulator sets (summed after the loop) and prefetch B ``PREFETCH_B`` floats
+ahead: they stream the packed B from L3 at the core's bandwidth. The chains depend only on r,
+so results stay bit-identical across thread splits and packings.
+
+Transposed operands (``EpilogueSpec.trans_a`` / ``trans_b``): A stored [K, M] or B stored
+[N, K] (row strides lda / ldb) is read by its own packing routine into the same packed
+layouts, so the micro-kernel is unchanged; the packing is O(MK + KN) against O(MNK) work.
+
 Packed layouts (floats). An A block is its rows copied ``a_stride = kc + 16`` apart (the padding
 keeps the MR rows the micro-kernel reads at once out of the same L1 sets); there is no transpose
 because the micro-kernel broadcasts A[r, k] from row r. A B block: micro-panel q (columns
@@ -49,7 +59,8 @@ batch item split its C into bands of MR rows or NR columns: along M when B is pr
 M >= N (each thread then packs all of B itself; splitting along N would make each pack all of
 A), else along N, falling back to the other dimension when one has fewer bands than threads.
 ``pack_b`` splits its column panels the same way. The ``Sgemm`` wrapper runs its threads from a
-``WorkerPool`` whose workers wait for jobs in generated spin-then-sleep code.
+``WorkerPool`` whose workers wait for jobs in generated spin-then-sleep code; the compiled
+graphs' runtime (backends/llvm/runtime.py) runs its entry function on the same machinery.
 
 Invariants the caller keeps (the ``Sgemm`` wrapper checks them): C does not overlap A, B or R;
 every row stride is >= the row length; the workspace is not shared between concurrent calls.
@@ -92,6 +103,11 @@ BIAS_KINDS = ("", "row", "col")
 # below this many flops the wrapper runs one thread: waking a pool thread costs about 50 us here,
 # which is what a 2-core split of a ~2^24-flop GEMM saves
 PARALLEL_MIN_FLOPS = 1 << 21
+# independent FMA accumulators the k loop keeps at least (latency 4 x 2 FMA ports): a tile with
+# fewer vectors than this rotates over several accumulator sets
+FMA_CHAINS = 8
+# those tiles are bound by streaming B from L3 (M = 1: a GEMV): prefetch this many floats ahead
+PREFETCH_B = 1024
 TWO_PHASE_MIN_B = 1 << 18    # floats of B: below this, packing B twice costs less than a join
 
 
@@ -158,6 +174,8 @@ class EpilogueSpec:
     bias: str = ""                # "", "row" (M floats) or "col" (N floats)
     residual: bool = False
     activation: str = ""          # "" or a name of graphc.ops.epilogue.ACTIVATIONS
+    trans_a: bool = False         # A is stored transposed, [K, M] with row stride lda
+    trans_b: bool = False         # B is stored transposed, [N, K] with row stride ldb
 
     def __post_init__(self):
         if self.bias not in BIAS_KINDS:
@@ -165,13 +183,17 @@ class EpilogueSpec:
         if self.activation and self.activation not in ACTIVATIONS:
             raise InvalidAttributeError(
                 f"activation '{self.activation}' is not one of {', '.join(ACTIVATIONS)}")
+        if self.prepacked_b and self.trans_b:
+            raise InvalidAttributeError("a pre-packed B has no stored layout to transpose")
 
     @property
     def tag(self) -> str:
         parts = ["pp" if self.prepacked_b else "",
                  f"b{self.bias}" if self.bias else "",
                  "res" if self.residual else "",
-                 self.activation]
+                 self.activation,
+                 "ta" if self.trans_a else "",
+                 "tb" if self.trans_b else ""]
         return "_".join(p for p in parts if p) or "plain"
 
 
@@ -498,6 +520,45 @@ class _SgemmGenerator:
         b.ret_void()
         return fn
 
+    def pack_a_transposed(self) -> ir.Function:
+        """The ``pack_a`` layout from a transposed A (At[kc, mc], row stride lda): row k of At
+        is read contiguously and scattered down column k of the packed rows."""
+        stride = self.k.a_stride
+        fn, em = self._fn("pack_a_t", [("mc", I64), ("kc", I64), ("at", PF), ("lda", I64),
+                                        ("ap", PF)])
+        mc, kc, at, lda, ap = fn.args
+        b = em.b
+        with em.loop(_i64(0), kc, _i64(1), "k") as k:
+            src = em.gep(at, em.mul(k, lda))
+            dst = em.gep(ap, k)
+            with em.loop(_i64(0), mc, _i64(1), "i") as i:
+                value = b.load(em.gep(src, i), align=4)
+                b.store(value, em.gep(dst, em.mul(i, _i64(stride))), align=4)
+        b.ret_void()
+        return fn
+
+    def pack_b_transposed(self) -> ir.Function:
+        """The ``pack_b`` layout from a transposed B (Bt[nc, kc], row stride ldb): each column
+        of a micro-panel is a contiguous row of Bt; columns past nc become zeros."""
+        nr = self.k.nr
+        fn, em = self._fn("pack_b_t", [("kc", I64), ("nc", I64), ("bt", PF), ("ldb", I64),
+                                        ("bp", PF)])
+        kc, nc, bt, ldb, bp = fn.args
+        b = em.b
+        with em.loop(_i64(0), nc, _i64(nr), "j0") as j0:
+            panel = em.gep(bp, em.mul(j0, kc), name="panel")
+            with em.loop(_i64(0), _i64(nr), _i64(1), "c") as c:
+                inside = b.icmp_signed("<", em.add(j0, c), nc)
+                # a column past nc reads row 0 (valid memory) and stores zero
+                src = em.gep(bt, b.select(inside, em.mul(em.add(j0, c), ldb), _i64(0)))
+                dst = em.gep(panel, c)
+                with em.loop(_i64(0), kc, _i64(1), "k") as k:
+                    value = b.select(inside, b.load(em.gep(src, k), align=4),
+                                     ir.Constant(F32, 0.0))
+                    b.store(value, em.gep(dst, em.mul(k, _i64(nr))), align=4)
+        b.ret_void()
+        return fn
+
     # the micro-kernel
     def tile(self, rows: int) -> ir.Function:
         """One rows x NR tile (rows <= MR, a compile-time count, so an edge tile spends no
@@ -531,17 +592,28 @@ class _SgemmGenerator:
                 em.prefetch(em.b.gep(row, [_i64(line * 16)]), write=True)
 
     def _k_loop(self, em: _Emitter, kc, ap, bp, rows: int):
-        """acc[r][v] = sum_k A[r, k] * B[k, 16v:16v+16] as rows*NV vector phis; unrolled."""
+        """acc[r][v] = sum_k A[r, k] * B[k, 16v:16v+16] as rows*NV vector phis; unrolled.
+
+        A tile of few rows (M = 1..3: a GEMV) has too few accumulators to hide the FMA latency
+        (each k step would wait on the previous one), so its unrolled steps rotate over
+        ``chains`` independent accumulator sets that are summed once after the loop."""
         nv, unroll = self.k.nv, self.k.unroll
         b = em.b
         zero = _vconst(0.0)
-        acc = [[zero] * nv for _ in range(rows)]
+        chains = max(1, min(unroll, FMA_CHAINS // (rows * nv)))
+        acc = [[[zero] * nv for _ in range(rows)] for _ in range(chains)]
         main_end = b.mul(b.sdiv(kc, _i64(unroll)), _i64(unroll), name="k_main_end")
         acc = self._k_loop_part(em, "kmain", _i64(0), main_end, unroll, acc, ap, bp)
-        return self._k_loop_part(em, "krem", main_end, kc, 1, acc, ap, bp)
+        acc[:1] = self._k_loop_part(em, "krem", main_end, kc, 1, acc[:1], ap, bp)
+        total = acc[0]
+        for chain in acc[1:]:
+            total = [[b.fadd(x, y) for x, y in zip(row, other)]
+                     for row, other in zip(total, chain)]
+        return total
 
     def _k_loop_part(self, em, name, start, stop, unroll, acc, ap, bp):
-        mr, nv, nr = len(acc), self.k.nv, self.k.nr
+        """``acc[chain][r][v]``: step u of each unrolled iteration updates chain u % chains."""
+        chains, mr, nv, nr = len(acc), len(acc[0]), self.k.nv, self.k.nr
         b = em.b
         pre = b.block
         head = b.append_basic_block(f"{name}.head")
@@ -551,26 +623,33 @@ class _SgemmGenerator:
         b.position_at_end(head)
         k = b.phi(I64, name=f"{name}.k")
         k.add_incoming(start, pre)
-        phis = [[b.phi(VF, name=f"acc{r}_{v}") for v in range(nv)] for r in range(mr)]
-        for r in range(mr):
-            for v in range(nv):
-                phis[r][v].add_incoming(acc[r][v], pre)
+        phis = [[[b.phi(VF, name=f"acc{c}_{r}_{v}") for v in range(nv)] for r in range(mr)]
+                for c in range(chains)]
+        for c in range(chains):
+            for r in range(mr):
+                for v in range(nv):
+                    phis[c][r][v].add_incoming(acc[c][r][v], pre)
         b.cbranch(b.icmp_signed("<", k, stop), body, done)
         b.position_at_end(body)
-        cur = [row[:] for row in phis]
+        cur = [[row[:] for row in chain] for chain in phis]
         for u in range(unroll):
+            chain = cur[u % chains]
             step = em.add(k, _i64(u)) if u else k
             brow = em.gep(bp, em.mul(step, _i64(nr)))
             bvec = [em.load_vector(em.gep(brow, _i64(v * VEC))) for v in range(nv)]
+            if PREFETCH_B and chains > 1:
+                for line in range(-(-nr * 4 // 64)):
+                    em.prefetch(em.gep(brow, _i64(PREFETCH_B + 16 * line)), write=False)
             acol = em.gep(ap, step)
             for r in range(mr):
                 a = em.splat(b.load(em.gep(acol, _i64(r * self.k.a_stride)), align=4))
                 for v in range(nv):
-                    cur[r][v] = em.fma(a, bvec[v], cur[r][v])
+                    chain[r][v] = em.fma(a, bvec[v], chain[r][v])
         k.add_incoming(em.add(k, _i64(unroll)), b.block)
-        for r in range(mr):
-            for v in range(nv):
-                phis[r][v].add_incoming(cur[r][v], b.block)
+        for c in range(chains):
+            for r in range(mr):
+                for v in range(nv):
+                    phis[c][r][v].add_incoming(cur[c][r][v], b.block)
         b.branch(head)
         b.position_at_end(done)
         return phis
@@ -683,14 +762,17 @@ class _SgemmGenerator:
                 if spec.prepacked_b:
                     bblock = em.gep(bm, em.add(em.mul(pc, n_pad), em.mul(jc, kc)))
                 else:
-                    b.call(pack_b, [kc, nc, em.gep(bm, em.add(em.mul(pc, ldb), jc)), ldb,
-                                    ws_b])
+                    b_at = (em.add(em.mul(jc, ldb), pc) if spec.trans_b
+                            else em.add(em.mul(pc, ldb), jc))
+                    b.call(pack_b, [kc, nc, em.gep(bm, b_at), ldb, ws_b])
                     bblock = ws_b
                 first = b.icmp_signed("==", pc, _i64(0), name="first")
                 last = b.icmp_signed(">=", em.add(pc, kc), kdim, name="last")
                 with em.loop(m0, m1, _i64(k.mc), "ic") as ic:
                     mc = em.min(_i64(k.mc), b.sub(m1, ic), name="mc")
-                    b.call(pack_a, [mc, kc, em.gep(a, em.add(em.mul(ic, lda), pc)), lda, ws_a])
+                    a_at = (em.add(em.mul(pc, lda), ic) if spec.trans_a
+                            else em.add(em.mul(ic, lda), pc))
+                    b.call(pack_a, [mc, kc, em.gep(a, a_at), lda, ws_a])
                     b.call(macro, [mc, nc, kc, ws_a, bblock,
                                    em.gep(c, em.add(em.mul(ic, ldc), jc)), ldc, first, last,
                                    self._bias_at(em, bias, ic, jc),
@@ -766,7 +848,8 @@ class _SgemmGenerator:
         return fn
 
     def build(self) -> ir.Function:
-        pack_a, pack_b = self.pack_a(), self.pack_b()
+        pack_a = self.pack_a_transposed() if self.spec.trans_a else self.pack_a()
+        pack_b = self.pack_b_transposed() if self.spec.trans_b else self.pack_b()
         tiles = [self.tile(rows) for rows in range(1, self.k.mr + 1)]
         rect = self.rect(pack_a, pack_b, self.macro(tiles))
         return self.entry(self.share(rect))
@@ -873,11 +956,15 @@ def compile_kernel(blocking: GemmBlocking = GemmBlocking(),
 # an Event. The job is a table of int64 words the calling thread fills in before publishing the
 # next generation with a release store; workers read it after an acquire load, and count their
 # completion with an atomic add that the caller waits for (spinning, then sleeping in steps).
+# The same pool runs a compiled graph's entry (``KIND_ENTRY``, backends/llvm/runtime.py), whose
+# C signature is ``void entry(void* table, i32 tid, i32 n_threads, void* barrier)``.
 JOB_GENERATION, JOB_DONE = 0, 8          # on separate cache lines: one is written by everyone
 JOB_KIND, JOB_FUNCTION, JOB_THREADS, JOB_ARGS = 16, 17, 18, 19
 JOB_WORKSPACES = JOB_ARGS + 18           # one workspace pointer per thread id
-KIND_EXIT, KIND_KERNEL, KIND_PACK = -1, 0, 1
-_IR_OF_CTYPE = {_I64_T: I64, _PTR_T: PF}
+KIND_EXIT, KIND_KERNEL, KIND_PACK, KIND_ENTRY = -1, 0, 1, 2
+_I32_T = ctypes.c_int32
+ENTRY_ARGTYPES = (_PTR_T, _I32_T, _I32_T, _PTR_T)
+_IR_OF_CTYPE = {_I64_T: I64, _PTR_T: PF, _I32_T: I32}
 
 
 def generate_worker_module() -> ir.Module:
@@ -953,25 +1040,35 @@ def _worker_loop(module: ir.Module, p64) -> None:
     target, n_threads = b.load(word(JOB_FUNCTION)), b.load(word(JOB_THREADS))
     args = [b.load(word(JOB_ARGS + i)) for i in range(18)]
     workspace = b.inttoptr(b.load(word(em.add(tid, _i64(JOB_WORKSPACES)))), PF)
-    with b.if_else(b.icmp_signed("==", kind, _i64(KIND_KERNEL))) as (kernel, pack):
-        with kernel:
-            _call_by_address(b, target, KERNEL_ARGTYPES, args, [workspace, tid, n_threads])
-        with pack:
-            _call_by_address(b, target, PACK_ARGTYPES, args, [tid, n_threads])
+    tid32, threads32 = b.trunc(tid, I32), b.trunc(n_threads, I32)
+    calls = {KIND_KERNEL: (KERNEL_ARGTYPES, args, [workspace, tid, n_threads]),
+             KIND_PACK: (PACK_ARGTYPES, args[:5], [tid, n_threads]),
+             KIND_ENTRY: (ENTRY_ARGTYPES, [args[0], None, None, args[1]], [tid32, threads32])}
+    done = b.append_basic_block("job_done")
+    switch = b.switch(kind, done)
+    for value, (types, words, tail) in calls.items():
+        block = b.append_basic_block(f"kind{value}")
+        switch.add_case(_i64(value), block)
+        with b.goto_block(block):
+            _call_by_address(b, target, types, words, tail)
+            b.branch(done)
+    b.position_at_end(done)
     b.atomic_rmw("add", word(JOB_DONE), _i64(1), "release")
     seen.add_incoming(gen, b.block)
     b.branch(top)
 
 
 def _call_by_address(b: ir.IRBuilder, address, ctypes_args, words, tail) -> None:
-    """Call the function at ``address`` whose C signature is ``ctypes_args``: the leading
-    arguments come from ``words`` (int64, cast to pointers where needed), the last from tail."""
+    """Call the function at ``address`` whose C signature is ``ctypes_args``: the arguments
+    come from ``words`` (int64, cast to pointers where needed) where a word is not None, else
+    from ``tail`` in order; what is left of ``tail`` follows."""
     types = [_IR_OF_CTYPE[t] for t in ctypes_args]
-    lead = len(types) - len(tail)
-    args = [b.inttoptr(w, t) if isinstance(t, ir.PointerType) else w
-            for w, t in zip(words[:lead], types[:lead])]
+    tail = list(tail)
+    args = [tail.pop(0) if w is None else b.inttoptr(w, t) if isinstance(t, ir.PointerType)
+            else w for w, t in zip(words, types)]
+    args += tail
     fnty = ir.FunctionType(VOID, types)
-    b.call(b.inttoptr(address, fnty.as_pointer()), args + list(tail))
+    b.call(b.inttoptr(address, fnty.as_pointer()), args)
 
 
 def _wait_count(module: ir.Module, p64) -> None:
@@ -1019,21 +1116,26 @@ def _ticks_per_second(ticks) -> float:
 
 
 class WorkerPool:
-    """``threads - 1`` Python threads that run kernel or pack jobs for thread ids 1...; the
-    caller runs thread id 0 itself (see the section comment above)."""
+    """``threads - 1`` Python threads that run kernel, pack or graph-entry jobs for thread ids
+    1...; the caller runs thread id 0 itself (see the section comment above).
 
-    def __init__(self, threads: int, workspaces: Sequence[np.ndarray], spin_s: float = 2e-4):
+    ``run`` is ``start`` + the caller's own call + ``finish``; callers that make their own call
+    (the graph runtime) use ``start`` and ``finish``. One job at a time: callers serialise."""
+
+    def __init__(self, threads: int, workspaces: Sequence[np.ndarray] = (),
+                 spin_s: float = 2e-4, name: str = "graphc-sgemm"):
         self.threads = threads
         self._fns = _worker_functions()
         self._spin = int(spin_s * self._fns["ticks_per_s"])
         self._job = _aligned_empty(2 * (JOB_WORKSPACES + threads)).view(np.int64)
         self._job[:] = 0
-        self._job[JOB_WORKSPACES:JOB_WORKSPACES + threads] = [w.ctypes.data for w in workspaces]
+        self._job[JOB_WORKSPACES:JOB_WORKSPACES + len(workspaces)] = [
+            w.ctypes.data for w in workspaces]
         self._address = self._job.ctypes.data
         self._generation = 0
         self._wake = [threading.Event() for _ in range(threads)]
         self._threads = [threading.Thread(target=self._serve, args=(tid,), daemon=True,
-                                          name=f"graphc-sgemm-{tid}")
+                                          name=f"{name}-{tid}")
                          for tid in range(1, threads)]
         for thread in self._threads:
             thread.start()
@@ -1050,18 +1152,23 @@ class WorkerPool:
     def run(self, kind: int, function, address: int, args: Sequence[int], threads: int):
         """Run ``function(*args, [workspace,] tid, threads)`` for tid < threads (tid 0 here);
         workers with tid >= threads take part with nothing to do."""
+        self.start(kind, address, args, threads)
+        tail = (int(self._job[JOB_WORKSPACES]),) if kind == KIND_KERNEL else ()
+        try:
+            function(*args, *tail, 0, threads)
+        finally:  # never leave workers running on a job the caller has given up on
+            self.finish()
+
+    def start(self, kind: int, address: int, args: Sequence[int], threads: int) -> None:
+        """Publish a job: workers 1 .. self.threads-1 start on it (spinning ones at once)."""
         job = self._job
         job[JOB_KIND], job[JOB_FUNCTION], job[JOB_THREADS] = kind, address, threads
         job[JOB_ARGS:JOB_ARGS + len(args)] = args
         job[JOB_DONE] = 0
-        tail = (int(job[JOB_WORKSPACES]),) if kind == KIND_KERNEL else ()
         self._publish()
-        try:
-            function(*args, *tail, 0, threads)
-        finally:  # never leave workers running on a job the caller has given up on
-            self._wait_for_workers()
 
-    def _wait_for_workers(self) -> None:
+    def finish(self) -> None:
+        """Wait until every worker has finished the job ``start`` published."""
         wait, done = self._fns["wait"], self._address + 8 * JOB_DONE
         while wait(done, self.threads - 1, self._spin) < self.threads - 1:
             time.sleep(5e-5)
@@ -1117,6 +1224,17 @@ def _matrix_strides(x: np.ndarray, what: str) -> tuple[np.ndarray, int, int]:
     row = strides[-2] // 4 if x.shape[-2] > 1 else x.shape[-1]
     batch = strides[0] // 4 if x.ndim == 3 and x.shape[0] > 1 else 0
     return x, row, batch
+
+
+def _is_transposed_view(x: np.ndarray) -> bool:
+    """A 2-D float32 view with unit row stride and column stride >= its rows (``y.T`` of a
+    row-major y): the kernel reads it in place with ``trans_a`` / ``trans_b``."""
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or x.dtype != np.float32:
+        return False
+    rows, cols = x.shape
+    row_step, col_step = x.strides
+    return (rows > 1 and cols > 1 and row_step == 4 and col_step % 4 == 0
+            and col_step >= 4 * rows)
 
 
 class Sgemm:
@@ -1196,13 +1314,19 @@ class Sgemm:
         """``activation(a @ b + bias + residual)`` into ``out`` (allocated if None).
 
         ``a`` is [M, K] or [batch, M, K]; ``b`` is [K, N], [batch, K, N] or a ``PackedB``
-        (a 2-D B is shared by every batch item). ``bias`` is 1-D along the output's last axis
+        (a 2-D B is shared by every batch item). A 2-D ``a`` or ``b`` that is a transposed
+        view (``x.T``) is read in place, transposed by the packing, not copied. ``bias`` is
+        1-D along the output's last axis
         (``bias_axis=-1``, N floats) or its row axis (``bias_axis=-2``, M floats);
         ``residual`` has the output's shape. Inputs must be float32."""
-        a, lda, stride_a = self._check_a(a)
+        trans_a, trans_b = _is_transposed_view(a), _is_transposed_view(b)
+        a, lda, stride_a = (a, a.strides[1] // 4, 0) if trans_a else self._check_a(a)
         batch = a.shape[0] if a.ndim == 3 else None
         m, k = a.shape[-2:]
-        b_data, ldb, stride_b, n, prepacked = self._check_b(b, k, batch)
+        if trans_b and b.shape[0] != k:
+            raise ShapeError(f"sgemm: A is {k} wide but B has {b.shape[0]} rows")
+        b_data, ldb, stride_b, n, prepacked = ((b, b.strides[1] // 4, 0, b.shape[1], False)
+                                               if trans_b else self._check_b(b, k, batch))
         out_shape = (m, n) if batch is None else (batch, m, n)
         bias_kind, bias = self._check_bias(bias, bias_axis, m, n)
         out, ldc, stride_c = self._check_out(out, out_shape, a, b_data, bias)
@@ -1212,7 +1336,7 @@ class Sgemm:
         flops = 2 * items * m * n * max(k, 1)
         threads = self.threads if flops >= self.min_parallel_flops else 1
         with self._lock:
-            if not prepacked and items < threads <= m // self.blocking.mr \
+            if not prepacked and not trans_b and items < threads <= m // self.blocking.mr \
                     and k * n >= TWO_PHASE_MIN_B:
                 # threads sharing one GEMM would each pack all of B: pack it once, together
                 b_items = b_data.shape[0] if b_data.ndim == 3 else 1
@@ -1220,7 +1344,8 @@ class Sgemm:
                 self._pack_items(b_data, ldb, stride_b, k, n, b_items, packed)
                 b_data, ldb, prepacked = packed, 0, True
                 stride_b = self.blocking.packed_b_floats(k, n) if b_items > 1 else 0
-            spec = EpilogueSpec(prepacked, bias_kind, residual is not None, activation)
+            spec = EpilogueSpec(prepacked, bias_kind, residual is not None, activation,
+                                trans_a, trans_b)
             args = (items, m, n, k, a.ctypes.data, lda, stride_a, b_data.ctypes.data, ldb,
                     stride_b, out.ctypes.data, ldc, stride_c, _pointer(bias),
                     _pointer(residual), ldr, stride_r, params.ctypes.data)
