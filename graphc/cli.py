@@ -1,4 +1,5 @@
-"""The ``graphc`` command line: ``inspect``, ``run`` and ``compile`` an ONNX model; ``passes``.
+"""The ``graphc`` command line: ``inspect``, ``run``, ``compile`` and ``bench`` an ONNX model;
+``passes``.
 
 Every user error ends as one line ``graphc: error: ...`` on stderr and exit status 2.
 """
@@ -117,7 +118,8 @@ def cmd_compile(args) -> int:
     out = sys.stdout
     model = compile_graph(graph, target=args.target, conv=conv, passes=args.passes,
                           print_after=args.print_after or (), print_after_all=args.print_after_all,
-                          dump_dir=args.dump_dir, out=out, threads=args.threads)
+                          dump_dir=args.dump_dir, out=out, threads=args.threads,
+                          cache=False if args.no_cache else None)
     if args.emit == "dot":
         print(model.graph.to_dot(), file=out)
     elif args.emit:
@@ -153,6 +155,61 @@ def cmd_passes(args) -> int:
     for target, pipeline in DEFAULT_PIPELINES.items():
         print(f"default pipeline for {target}: {','.join(pipeline)}")
     return 0
+
+
+def cmd_bench(args) -> int:
+    """Time the model on graphc, ONNX Runtime and PyTorch; exit 1 if a runner disagrees."""
+    from .bench import bench_graph, format_markdown, problems
+
+    if args.batch is not None and args.input_shape:
+        raise FeedError("give --batch or --input-shape, not both")
+    graph = _load(args)
+    if args.batch is not None:
+        from passes.infer_shapes import with_input_shapes
+
+        graph = with_input_shapes(graph, _batched_shapes(graph, args.batch))
+    graph = _symbolic_dims_to_one(graph)
+    feeds = _read_feeds(graph, None, args.seed)
+    runners = [r for r, on in (("graphc", True), ("graphc-reference", args.reference),
+                               ("onnxruntime", not args.no_ort),
+                               ("pytorch", not args.no_torch)) if on]
+    rows = bench_graph(graph, feeds, case=graph.name, runners=runners, threads=args.threads,
+                       conv=args.conv, rounds=args.rounds, warmup=args.warmup)
+    print(format_markdown(rows))
+    graphc_row = rows[0]
+    if graphc_row.setup_s is not None:
+        print(f"graphc compile: {graphc_row.setup_s:.2f} s; {graphc_row.threads} threads; "
+              f"{graphc_row.flops:,} FLOPs per run (unoptimised graph)")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=1)
+        print(f"wrote {args.json}")
+    for row in problems(rows):
+        print(f"graphc: {row.runner} {row.status}: {row.detail}", file=sys.stderr)
+    return 1 if problems(rows) else 0
+
+
+def _symbolic_dims_to_one(graph):
+    """Code and FLOPs are for static shapes: a dim left symbolic (a batch N) becomes 1."""
+    shapes = {v: tuple(1 if isinstance(d, str) else d for d in graph.type_of(v).shape)
+              for v in graph.inputs if not graph.type_of(v).is_static}
+    if not shapes:
+        return graph
+    from passes.infer_shapes import with_input_shapes
+
+    print(f"symbolic dims set to 1 (use --batch or --input-shape to choose): "
+          f"{', '.join(f'{v}={list(s)}' for v, s in shapes.items())}")
+    return with_input_shapes(graph, shapes)
+
+
+def _batched_shapes(graph, batch: int) -> dict:
+    """Every input's first dim set to ``batch`` (the rest as imported)."""
+    if batch < 1:
+        raise FeedError(f"--batch must be >= 1, got {batch}")
+    return {v: (batch,) + tuple(graph.type_of(v).shape[1:]) for v in graph.inputs
+            if graph.type_of(v).rank >= 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,12 +260,39 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--print-after-all", action="store_true", help="print the IR after each pass")
     comp.add_argument("--dump-dir", metavar="DIR",
                       help="write the IR before and after each pass as DIR/NN-<pass>.ir")
-    comp.add_argument("--timing", action="store_true", help="print the time of each pass")
+    comp.add_argument("--timing", action="store_true", help="print the time of each pass (and, "
+                      "for --target cpu, what the code cache did)")
+    comp.add_argument("--no-cache", action="store_true", help="target cpu: neither read nor "
+                      "write the code cache (GRAPHC_CACHE_DIR, default ~/.cache/graphc)")
     comp.add_argument("--emit", choices=("ir", "dot", "kernel", "llvm", "llvm-opt", "asm"),
                       help="print a stage: the optimised graph as IR text or Graphviz DOT; for "
                            "--target cpu the loop-level kernels, LLVM IR (before/after O3) or "
                            "assembly (symbolic dims = 1 unless --input-shape fixes them)")
     comp.set_defaults(func=cmd_compile)
+
+    bench = sub.add_parser("bench", help="time a model on graphc vs ONNX Runtime and PyTorch",
+                           description="Compile MODEL for target cpu and time it against ONNX "
+                                       "Runtime and PyTorch eager (when installed) on seeded "
+                                       "random inputs: same threads, interleaved rounds, "
+                                       "medians, graphc/other ratios and effective GFLOPS. Each "
+                                       "runner is first checked against the interpreter; one "
+                                       "that disagrees is reported (exit status 1), not timed.")
+    add_model(bench)
+    bench.add_argument("--threads", type=int, help="threads of every runner (default: "
+                       "GRAPHC_NUM_THREADS or all cores)")
+    bench.add_argument("--batch", type=int, help="set the first dim of every input (symbolic "
+                       "dims left over are set to 1)")
+    bench.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    bench.add_argument("--conv", default="auto", choices=CONV_ALGORITHMS,
+                       help="graphc's convolution algorithm (default: auto)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    bench.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    bench.add_argument("--no-ort", action="store_true", help="leave ONNX Runtime out")
+    bench.add_argument("--reference", action="store_true", help="also time target reference "
+                       "(the optimised graph on the numpy interpreter; slow)")
+    bench.add_argument("--json", metavar="OUT.json", help="also write the rows as JSON")
+    bench.set_defaults(func=cmd_bench)
 
     passes_cmd = sub.add_parser("passes", help="list the passes and default pipelines",
                                 description="List every registered pass with its description.")

@@ -3,11 +3,18 @@
 Targets: ``"reference"`` runs the optimised graph on the numpy interpreter (every node kind the
 passes introduce has interpreter semantics); ``"cpu"`` generates LLVM code for it
 (``backends/llvm``: memory plan, kernels, one threaded entry per shape specialisation).
+
+For target "cpu" the on-disk cache (``backends/llvm/cache.py``) is used unless ``cache=False``
+or ``GRAPHC_CACHE=0``: the optimised graph is looked up by the input graph and the pass options
+(a hit skips the pipeline), and each specialisation's object code by the optimised graph, the
+dims and the host CPU. Observing the pipeline (``print_after``, ``print_after_all``,
+``dump_dir``) always runs it. ``timing_report()`` says what the cache did.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping
 from typing import TextIO
 
@@ -16,6 +23,7 @@ import numpy as np
 from .errors import GraphcError
 from .interp import interpret
 from .ir import Graph
+from .types import TensorType
 
 TARGETS = ("reference", "cpu")
 
@@ -23,24 +31,47 @@ TARGETS = ("reference", "cpu")
 class CompiledModel:
     """A graph after its target's passes; ``run(feeds)`` or ``model(x=...)`` executes it."""
 
-    def __init__(self, graph: Graph, target: str, pipeline: list[str], manager, backend=None):
+    def __init__(self, graph: Graph, target: str, pipeline: list[str], manager, backend=None,
+                 graph_cache: str = ""):
         self.graph = graph
         self.target = target
         self.pipeline = pipeline
         self._manager = manager
         self.backend = backend  # the target's compiled form (CpuModel for "cpu"), else None
+        self.graph_cache = graph_cache  # what the cache did for the passes ("" if not used)
 
     @property
     def timings(self):
         return list(self._manager.timings)
 
     def timing_report(self) -> str:
-        return self._manager.timing_report()
+        """Time of each pass, and for target "cpu" what the code cache did."""
+        lines = [self._manager.timing_report()] if self._manager.timings else []
+        if self.graph_cache:
+            lines.append(self.graph_cache)
+        if self.backend is not None and self.backend.cache_report():
+            lines.append(self.backend.cache_report())
+        return "\n".join(lines)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray],
+            into: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Outputs of the graph for ``feeds``; outputs named in ``into`` are written into the
+        given arrays (C-contiguous, the output's shape and dtype, aliasing no feed), which are
+        returned in their places."""
         if self.backend is not None:
-            return self.backend.run(feeds)
-        return interpret(self.graph, feeds)
+            return self.backend.run(feeds, into=into)
+        results = interpret(self.graph, feeds)
+        if not into:
+            return results
+        from backends.llvm.compiler import check_into
+
+        types = {v: TensorType.of(r) for v, r in zip(self.graph.outputs, results)}
+        targets = check_into(self.graph, into, feeds, types.__getitem__)
+        for i, v in enumerate(self.graph.outputs):
+            if v in targets:
+                np.copyto(targets[v], results[i])
+                results[i] = targets[v]
+        return results
 
     def emit(self, what: str = "ir", dims: Mapping[str, int] | None = None) -> str:
         """Text of a compilation stage: "ir" (the optimised graph); for target "cpu" also
@@ -68,13 +99,16 @@ def compile(graph: Graph, target: str = "reference",
             passes: str | Iterable[str] | None = None, *, training: bool = False,
             verify_each: bool = True, print_after: Iterable[str] = (),
             print_after_all: bool = False, dump_dir: os.PathLike | None = None,
-            out: TextIO | None = None, threads: int | None = None) -> CompiledModel:
+            out: TextIO | None = None, threads: int | None = None,
+            cache: bool | None = None) -> CompiledModel:
     """Optimise ``graph`` for ``target``.
 
     ``conv`` is the convolution algorithm for every Conv ("auto", "im2col", "winograd-f2",
     "winograd-f4", "direct"), or a mapping of Conv node names to algorithms (the key "*" sets
     the default). ``passes`` replaces the target's default pipeline (a list or "a,b,c").
     ``threads`` (target "cpu") defaults to ``GRAPHC_NUM_THREADS`` or every available core.
+    ``cache`` (target "cpu"): use the on-disk code cache in ``GRAPHC_CACHE_DIR`` (default
+    ``~/.cache/graphc``); None follows ``GRAPHC_CACHE`` (on unless 0/off).
     """
     from passes import PassManager, PassOptions, default_pipeline
 
@@ -92,10 +126,35 @@ def compile(graph: Graph, target: str = "reference",
     pipeline = default_pipeline(target) if passes is None else passes
     manager = PassManager(pipeline, options, verify_each=verify_each, print_after=print_after,
                           print_after_all=print_after_all, dump_dir=dump_dir, out=out)
-    optimised = manager.run(graph)
-    backend = None
-    if target == "cpu":
-        from backends.llvm.compiler import CpuModel
+    if target != "cpu":
+        return CompiledModel(manager.run(graph), target, manager.pipeline, manager)
+    from backends.llvm.cache import CodeCache, cache_enabled
+    from backends.llvm.compiler import CpuModel
 
-        backend = CpuModel(optimised, threads=threads)
-    return CompiledModel(optimised, target, manager.pipeline, manager, backend)
+    code_cache = CodeCache() if cache_enabled(cache) else None
+    observed = bool(print_after or print_after_all or dump_dir)
+    optimised, digest, note = _optimise_cached(graph, manager, options, code_cache, observed)
+    backend = CpuModel(optimised, threads=threads, cache=code_cache, graph_digest=digest)
+    return CompiledModel(optimised, target, manager.pipeline, manager, backend, note)
+
+
+def _optimise_cached(graph: Graph, manager, options, code_cache, observed: bool):
+    """(optimised graph, its fingerprint or None, report line): from the cache's "graph" level
+    when it holds this input graph under these options, else by running the pipeline (and
+    storing the result)."""
+    if code_cache is None:
+        return manager.run(graph), None, ""
+    from backends.llvm.cache import fingerprint_graph, pipeline_key
+
+    start = time.perf_counter()
+    key = pipeline_key(fingerprint_graph(graph), manager.pipeline, options)
+    found = None if observed else code_cache.load_graph(key, graph)
+    if found is not None:
+        seconds = time.perf_counter() - start
+        return (*found, f"graph cache: hit (key {key[:8]}, passes skipped, {seconds:.2f} s)")
+    optimised = manager.run(graph)
+    digest = fingerprint_graph(optimised)
+    stored = code_cache.store_graph(key, optimised, digest, graph)
+    seconds = time.perf_counter() - start
+    status = "not stored" if not stored else "miss (stored)"
+    return optimised, digest, f"graph cache: {status} (key {key[:8]}, {seconds:.2f} s)"

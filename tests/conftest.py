@@ -1,9 +1,17 @@
-"""Shared pytest set-up: markers, and the ONNX conformance summary line."""
+"""Shared pytest set-up: markers, the ONNX conformance summary line, a private code cache."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+# the suite must never write into the user's ~/.cache/graphc: one temporary cache per session
+_CACHE_DIR = tempfile.mkdtemp(prefix="graphc-test-cache-")
+os.environ["GRAPHC_CACHE_DIR"] = _CACHE_DIR
 
 CONFORMANCE: dict[str, str] = {}  # case name -> "passed" | "failed" | "excluded: reason"
 
@@ -11,6 +19,10 @@ CONFORMANCE: dict[str, str] = {}  # case name -> "passed" | "failed" | "excluded
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; opt-in with -m slow")
     config.addinivalue_line("markers", "cuda: needs a CUDA device or the simulator")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):

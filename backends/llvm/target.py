@@ -9,10 +9,27 @@ One ``HostTarget`` per process (``host_target()``) owns
 * the new-pass-manager ``default<O3>`` module pipeline built from that machine;
 * one MCJIT ``ExecutionEngine`` that every compiled module is added to.
 
-``HostTarget.compile(module)`` is the code-library API: it stamps the module with the host triple
-and data layout, parses and verifies it, optimises it, JITs it and returns a ``CompiledModule``
-from which function addresses (or ctypes callables), the optimised LLVM IR text and the
-assembly text can be read.
+``HostTarget.compile(module, key=...)`` is the code-library API: it stamps the module with the
+host triple and data layout, parses and verifies it, optimises it, generates a relocatable object
+(``emit_object``), adds that object to the engine and returns a ``CompiledModule`` from which
+function addresses (or ctypes callables), the object code, the optimised LLVM IR text and the
+assembly text can be read. ``HostTarget.load_object(key, ...)`` adds object code generated
+earlier (the on-disk cache, ``cache.py``) without running LLVM. Both paths go through the same
+``add_object_file``, so cached and fresh code are loaded alike.
+
+Keys: a module compiled or loaded under a ``key`` is remembered; asking again for the same key
+returns the module already in the engine (its symbols are content-addressed by the key, so
+adding it twice would redefine them). ``llvm_runs`` counts O3 + code generation runs, which lets
+tests check that a cache hit ran no LLVM.
+
+Relocatable code: a lowering may call another JIT'd function by its address (``inttoptr i64
+<address>``, e.g. the packed SGEMM kernels). ``compile`` rewrites every such call target that is a
+function this target JIT'd into a reference to its symbol, so the object code holds a relocation
+instead of a process-specific address; ``CompiledModule.dependencies`` names the modules it
+links against (the cache stores their object code too), and ``relocatable`` is False if an
+absolute address remains (such a module is never cached). A module loaded by ``load_object``
+stands in for a later ``compile`` of a module of the same name and symbols (those names are
+content-derived, and the cache key covers the generators' sources).
 
 Invariants: compiled code is never freed while the process lives (the engine owns every
 module, and callers keep raw function addresses); an external symbol name is defined by at most
@@ -23,7 +40,9 @@ serialised by a lock so that threads may compile concurrently.
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llvmlite.binding as llvm
@@ -41,14 +60,35 @@ class LLVMCodegenError(GraphcError):
 
 @dataclass
 class CompiledModule:
-    """One module after verification, O3 and JIT: symbols, optimised IR and assembly."""
+    """One module after verification, O3 and JIT: symbols, object code, IR and assembly.
+
+    The IR texts may be given as loaders (callables), read on first use: a module loaded from
+    the cache reads its IR files only if someone asks for them."""
 
     name: str
-    source_ir: str                 # the IR as generated, before optimisation
-    optimised_ir: str              # the IR after the O3 pipeline (what was JIT'd)
     addresses: dict[str, int]      # external function name -> address in this process
+    object_code: bytes = field(repr=False)
+    _source: str | Callable[[], str] = field(repr=False)
+    _optimised: str | Callable[[], str] = field(repr=False)
     _target: HostTarget = field(repr=False)
     _assembly: str | None = field(default=None, repr=False)
+    key: str | None = None
+    dependencies: tuple = ()       # CompiledModules whose symbols this one references
+    relocatable: bool = True       # no absolute address of this process in the code
+
+    @property
+    def source_ir(self) -> str:
+        """The IR as generated, before optimisation."""
+        if callable(self._source):
+            self._source = self._source()
+        return self._source
+
+    @property
+    def optimised_ir(self) -> str:
+        """The IR after the O3 pipeline (what was compiled to machine code)."""
+        if callable(self._optimised):
+            self._optimised = self._optimised()
+        return self._optimised
 
     def address(self, function: str) -> int:
         try:
@@ -86,6 +126,11 @@ class HostTarget:
         self.data_layout = str(self.target_machine.target_data)
         self._lock = threading.Lock()
         self._defined: dict[str, str] = {}  # external symbol -> module that defined it
+        self._by_key: dict[str, CompiledModule] = {}  # cache key -> module already loaded
+        self._modules: dict[str, CompiledModule] = {}  # external symbol -> its module
+        self._symbol_at: dict[int, str] = {}  # address -> external symbol JIT'd there
+        self._loaded_names: dict[str, CompiledModule] = {}  # name -> module from load_object
+        self.llvm_runs = 0  # O3 + code generation runs (a cache hit adds none)
         # MCJIT needs a module to start from; an empty one stamped for the host
         self._engine = llvm.create_mcjit_compiler(self._parse(self._empty_module()),
                                                   self.target_machine)
@@ -117,23 +162,99 @@ class HostTarget:
         with self._lock:
             return self.target_machine.emit_assembly(self._parse(ir_text))
 
-    def compile(self, module: ir.Module) -> CompiledModule:
-        """Verify, optimise and JIT ``module``; the code lives as long as the process."""
-        self.stamp(module)
-        source = str(module)
+    def loaded(self, key: str) -> CompiledModule | None:
+        """The module already loaded under ``key`` in this process, if any."""
         with self._lock:
+            return self._by_key.get(key)
+
+    def compile(self, module: ir.Module, key: str | None = None) -> CompiledModule:
+        """Verify, optimise and JIT ``module``; the code lives as long as the process.
+
+        With a ``key`` already loaded, the loaded module is returned and LLVM does not run."""
+        self.stamp(module)
+        with self._lock:
+            if key is not None and key in self._by_key:
+                return self._by_key[key]
+            dependencies = self._link_by_symbol(module)
+            source = str(module)
             mod = self._parse(source, module.name)
             externals = self._external_functions(mod)
+            stand_in = self._loaded_names.get(module.name)
+            if stand_in is not None and sorted(stand_in.addresses) == sorted(externals):
+                return stand_in
             self._check_new_symbols(module.name, externals)
             self.optimise(mod)
             self._verify(mod, module.name, "after optimisation")
             optimised = str(mod)
-            self._engine.add_module(mod)
-            self._engine.finalize_object()
-            addresses = {name: self._engine.get_function_address(name) for name in externals}
-            for name in externals:
-                self._defined[name] = module.name
-        return CompiledModule(module.name, source, optimised, addresses, self)
+            object_code = self.target_machine.emit_object(mod)
+            self.llvm_runs += 1
+            compiled = self._add_object(module.name, key, object_code, externals, source,
+                                        optimised)
+            compiled.dependencies = dependencies
+            compiled.relocatable = not _ABSOLUTE_ADDRESS.search(source) and all(
+                d.relocatable for d in dependencies)
+            return compiled
+
+    def _link_by_symbol(self, module: ir.Module) -> tuple:
+        """Turn ``inttoptr i64 <address of a JIT'd function>`` into a bitcast of a declaration
+        of that function's symbol; the modules defining them."""
+        used: dict[str, CompiledModule] = {}
+        for function in module.functions:
+            for block in function.blocks:
+                for instr in block.instructions:
+                    symbol = self._called_symbol(instr)
+                    if symbol is None:
+                        continue
+                    declared = module.globals.get(symbol) or ir.Function(
+                        module, instr.type.pointee, symbol)
+                    instr.opname, instr.operands = "bitcast", [declared]
+                    used[symbol] = self._modules[symbol]
+        return tuple({id(m): m for m in used.values()}.values())
+
+    def _called_symbol(self, instr) -> str | None:
+        if not (isinstance(instr, ir.CastInstr) and instr.opname == "inttoptr"):
+            return None
+        value = instr.operands[0]
+        if not isinstance(value, ir.Constant) or not isinstance(value.constant, int):
+            return None
+        if not isinstance(getattr(instr.type, "pointee", None), ir.FunctionType):
+            return None
+        return self._symbol_at.get(value.constant)
+
+    def load_object(self, key: str, name: str, object_code: bytes, externals: list[str],
+                    source_ir: str | Callable[[], str],
+                    optimised_ir: str | Callable[[], str]) -> CompiledModule:
+        """Add object code made by ``compile`` earlier (maybe in another process) under ``key``;
+        a module already loaded under ``key`` is returned instead."""
+        with self._lock:
+            if key in self._by_key:
+                return self._by_key[key]
+            if externals and all(f in self._defined for f in externals):
+                # already JIT'd here under another key (same content-derived names)
+                return self._modules[externals[0]]
+            self._check_new_symbols(name, externals)
+            compiled = self._add_object(name, key, object_code, externals, source_ir,
+                                        optimised_ir)
+            self._loaded_names[name] = compiled
+            return compiled
+
+    def _add_object(self, name, key, object_code, externals, source, optimised) -> CompiledModule:
+        """Add an object file to the engine and resolve its symbols (caller holds the lock)."""
+        self._engine.add_object_file(llvm.ObjectFileRef.from_data(object_code))
+        self._engine.finalize_object()
+        addresses = {f: self._engine.get_function_address(f) for f in externals}
+        missing = [f for f, address in addresses.items() if not address]
+        if missing:
+            raise LLVMCodegenError(f"module '{name}': the JIT did not resolve "
+                                   f"{', '.join(missing)}")
+        compiled = CompiledModule(name, addresses, object_code, source, optimised, self, key=key)
+        for f in externals:
+            self._defined[f] = name
+            self._modules[f] = compiled
+            self._symbol_at[addresses[f]] = f
+        if key is not None:
+            self._by_key[key] = compiled
+        return compiled
 
     # -- helpers ---------------------------------------------------------------------------------
     def _empty_module(self) -> str:
@@ -167,6 +288,9 @@ class HostTarget:
                     f"module '{module_name}' redefines '{name}', already JIT'd by module "
                     f"'{self._defined[name]}'")
 
+
+# an integer wide enough to be an address, converted to a pointer: code tied to this process
+_ABSOLUTE_ADDRESS = re.compile(r"inttoptr \(?i64 (?:[1-9]\d{5,})")
 
 _INIT_LOCK = threading.Lock()
 _HOST_LOCK = threading.Lock()
