@@ -78,6 +78,21 @@ class BoundKernel:
 
 
 @dataclass(frozen=True)
+class RunCheck:
+    """An error a kernel records at run time instead of reading out of bounds: the kernel writes
+    ``[count, first]`` into the i64 array ``slot`` (a compile-time array of the lowering) on every
+    run; after the run, a non-zero count raises ``FeedError(message.format(count=, first=))``.
+    Plain data, so that a specialisation loaded from the code cache still checks it."""
+
+    slot: str
+    message: str
+
+    def raise_if_recorded(self, recorded: np.ndarray) -> None:
+        if recorded[0]:
+            raise FeedError(self.message.format(count=int(recorded[0]), first=int(recorded[1])))
+
+
+@dataclass(frozen=True)
 class BoundFunction:
     """A lowering that is generated LLVM code rather than kernel IR (e.g. the packed SGEMM).
 
@@ -92,7 +107,7 @@ class BoundFunction:
     values: tuple
     constants: Mapping = field(default_factory=dict)
     text: str = ""
-    check: Callable[[], None] | None = None  # raises the run's recorded error (raise_run_errors)
+    run_check: RunCheck | None = None  # an error the kernel may record during a run
 
     def __str__(self) -> str:
         binding = ", ".join(f"%{v}" for v in self.values)
@@ -1130,7 +1145,7 @@ def _gather_runtime(ctx: LowerContext, axis: int) -> BoundFunction:
     from the end. The index is data, so it enters the address through ``IndexOf``, clamped into
     the axis: a bad index can never read outside ``data``. A second, serial top-level loop
     scans the indices and writes ``[count, first bad index]`` to an error slot, an array the
-    compiled model keeps (a ``BoundFunction`` constant); ``raise_run_errors`` turns a non-zero
+    compiled model keeps (a ``BoundFunction`` constant); its ``RunCheck`` turns a non-zero
     count into a ``FeedError`` naming this node after the run."""
     data, idx_t, out_t = ctx.in_types[0], ctx.in_types[1], ctx.out_types[0]
     if idx_t.dtype not in ("i32", "i64"):
@@ -1165,14 +1180,11 @@ def _gather_runtime(ctx: LowerContext, axis: int) -> BoundFunction:
 
         return emit_kernel(module, bound.kernel, symbol)
 
-    def check() -> None:
-        if errors[0]:
-            raise FeedError(f"Gather node '{ctx.node.name}': {int(errors[0])} indices out of "
-                            f"range [{-dim}, {dim - 1}] for axis {axis} of data {data}, the "
-                            f"first is {int(errors[1])}")
-
+    check = RunCheck(slot_value, f"Gather node '{ctx.node.name}': {{count}} indices out of "
+                     f"range [{-dim}, {dim - 1}] for axis {axis} of data {data}, the first is "
+                     "{first}")
     return BoundFunction(bound.kernel.name, emit, bound.values, {slot_value: errors},
-                         text=str(bound.kernel), check=check)
+                         text=str(bound.kernel), run_check=check)
 
 
 def _index_check(kb: KernelBuilder, indices: str, dtype: str, count: int, dim: int,
@@ -1200,15 +1212,6 @@ def _index_check(kb: KernelBuilder, indices: str, dtype: str, count: int, dim: i
 
     top.loop(1, scan)
     return top.stmts[0]
-
-
-def raise_run_errors(bound: Sequence) -> None:
-    """After a run: raise the ``FeedError`` a kernel recorded (e.g. a Gather index out of
-    range). Backends call this with the bound kernels of the run, in order."""
-    for b in bound:
-        check = getattr(b, "check", None)
-        if check is not None:
-            check()
 
 
 # -- reductions -------------------------------------------------------------------------------

@@ -344,3 +344,47 @@ def test_cli_timing_reports_the_cache(tmp_path, monkeypatch, capsys):
 def test_module_docstring_documents_the_knobs():
     doc = textwrap.dedent(code_cache.__doc__)
     assert "GRAPHC_CACHE_DIR" in doc and "GRAPHC_CACHE=0" in doc
+
+
+GATHER_CHILD = """
+import json
+import numpy as np
+import graphc
+from graphc import ops
+from graphc.errors import FeedError
+
+g = graphc.Graph("lookup")
+data = g.input("data", (6, 4))
+idx = g.input("idx", (3,), dtype="i64")
+g.output(ops.gather(data, idx, axis=0, name="lookup"))
+model = graphc.compile(g, target="cpu", threads=1)
+feeds = {"data": np.arange(24, dtype=np.float32).reshape(6, 4),
+         "idx": np.array([1, 7, -1], np.int64)}
+try:
+    model.run(feeds)
+    error = None
+except FeedError as exc:
+    error = str(exc)
+print(json.dumps({"hits": model.backend.cache_hits, "error": error}))
+"""
+
+
+def test_run_time_errors_are_still_checked_after_a_cache_hit(tmp_path):
+    """A Gather index out of range is recorded by the kernel and raised after the run: the
+    check is data in the cache entry, so a hit from disk raises it too."""
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_CHILD)
+    env = {**os.environ, "GRAPHC_CACHE_DIR": str(tmp_path / "cache"), "GRAPHC_CACHE": "1",
+           "PYTHONPATH": str(ROOT)}
+    reports = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr
+        reports.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    cold, warm = reports
+    if warm["hits"] != 1:
+        pytest.skip("graphc sources changed between the two processes (the key includes them)")
+    for report in (cold, warm):
+        assert report["error"] is not None and "Gather node 'lookup'" in report["error"]
+        assert "first is 7" in report["error"]

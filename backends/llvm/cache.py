@@ -70,7 +70,7 @@ import numpy as np
 
 from graphc.ir import INPUT, Graph
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 ENV_DIR = "GRAPHC_CACHE_DIR"
 ENV_SWITCH = "GRAPHC_CACHE"
 OFF_VALUES = ("0", "off", "false", "no")
@@ -188,12 +188,13 @@ def environment(target) -> dict:
     import llvmlite.binding as llvm
 
     import graphc
-    from backends.llvm.runtime import available_cores
+    from backends.llvm.runtime import available_cores, profiling_requested
 
     return {"format": CACHE_FORMAT, "triple": target.triple, "cpu": target.cpu,
             "features": target.features, "opt": target.speed_level, "cores": available_cores(),
             "graphc": graphc.__version__, "llvmlite": llvmlite.__version__,
-            "llvm": list(llvm.llvm_version_info), "sources": source_stamp()}
+            "llvm": list(llvm.llvm_version_info), "sources": source_stamp(),
+            "profile": profiling_requested()}
 
 
 def code_key(graph_digest: str, dims: Mapping[str, int], target) -> str:

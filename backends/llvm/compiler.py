@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from llvmlite import ir
 
-from backends.lower import BoundFunction, lower_node
+from backends.lower import BoundFunction, RunCheck, lower_node
 from backends.memory_plan import MemoryPlan, plan_memory
 from graphc.errors import FeedError
 from graphc.interp import check_feeds
@@ -53,6 +53,7 @@ class GeneratedCode:
     arrays: dict                  # compile-time arrays of BoundFunctions (packed weights, ...)
     kernels: list                 # BoundKernel / BoundFunction in order; [] when loaded from cache
     kernel_text: str
+    checks: list = field(default_factory=list)  # RunCheck of kernels that record run-time errors
 
 
 @dataclass
@@ -73,6 +74,16 @@ class Specialisation:
     cache_status: str = "off"     # "hit", "miss" (compiled, stored), "off", or "in process"
     key: str = ""
     seconds: float = 0.0          # time to build or load this specialisation
+    checks: list = field(default_factory=list)  # RunCheck: errors kernels record during a run
+    run_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def run(self, table: np.ndarray) -> None:
+        """Run the entry over ``table``, then raise what a kernel recorded (e.g. a Gather index
+        out of range: the kernel clamped it, so nothing was read out of bounds)."""
+        with self.run_lock:  # the error slots are per specialisation, like the arena
+            self.runner.run(table)
+            for check in self.checks:
+                check.raise_if_recorded(self.constants[check.slot])
 
     @property
     def llvm_ir(self) -> str:
@@ -132,7 +143,7 @@ def generate_code(graph: Graph, plan: MemoryPlan, dims: Mapping[str, int],
             slots.append(value)
         return slot_of[value]
 
-    calls, kernels = [], []
+    calls, kernels, checks = [], [], []
     arrays: dict[str, np.ndarray] = {}
     for name in plan.order:
         node = graph.node(name)
@@ -144,6 +155,8 @@ def generate_code(graph: Graph, plan: MemoryPlan, dims: Mapping[str, int],
             if isinstance(bound, BoundFunction):
                 fn = bound.emit(module, f"{prefix}_{len(kernels)}_{bound.name}")
                 arrays.update(bound.constants)
+                if bound.run_check is not None:
+                    checks.append(bound.run_check)
             else:
                 fn = emit_kernel(module, bound.kernel, f"{prefix}_{len(kernels)}_"
                                                        f"{bound.kernel.name}")
@@ -152,7 +165,7 @@ def generate_code(graph: Graph, plan: MemoryPlan, dims: Mapping[str, int],
     entry = build_entry(module, calls, name=f"{prefix}_entry")
     compiled = host_target().compile(module, key=key)
     text = "\n\n".join(str(k) for k in kernels)
-    return GeneratedCode(compiled, entry.name, slots, arrays, kernels, text)
+    return GeneratedCode(compiled, entry.name, slots, arrays, kernels, text, checks)
 
 
 def _dependencies(module) -> list:
@@ -176,6 +189,7 @@ def store_code(cache: CodeCache, key: str, code: GeneratedCode) -> bool:
         return False
     deps = _dependencies(module)
     meta = {"name": module.name, "entry": code.entry, "slots": code.slots,
+            "checks": [[c.slot, c.message] for c in code.checks],
             "externals": sorted(module.addresses),
             "dependencies": [{"name": d.name, "externals": sorted(d.addresses)} for d in deps]}
     blobs = dict(zip(CODE_FILES, (module.object_code, module.source_ir.encode(),
@@ -200,7 +214,8 @@ def load_code(cache: CodeCache, key: str) -> GeneratedCode | None:
     arrays = {name: _aligned(entry.load_array(i, writable=True))
               for i, name in enumerate(entry.arrays)}
     return GeneratedCode(module, meta["entry"], meta["slots"], arrays, [],
-                         entry.read_text("kernels.txt"))
+                         entry.read_text("kernels.txt"),
+                         [RunCheck(slot, message) for slot, message in meta["checks"]])
 
 
 def _NOT_STORED() -> str:
@@ -253,7 +268,7 @@ def assemble(graph: Graph, plan: MemoryPlan, code: GeneratedCode, dims: dict,
             external.setdefault(p.buffer, []).append(i)
     runner = ThreadedRunner(code.module.address(code.entry), threads)
     return Specialisation(dims, plan, code.kernels, code.module, runner, code.slots, arena, table,
-                          external, constants, code.kernel_text)
+                          external, constants, code.kernel_text, checks=list(code.checks))
 
 
 class CpuModel:
@@ -291,6 +306,11 @@ class CpuModel:
                     self.graph, dims, self.threads, graph_digest=self.graph_digest,
                     cache=self.cache)
             return self._specs[key]
+
+    def profile(self, dims: Mapping[str, int] | None = None) -> str:
+        """Cycles per kernel and per barrier wait, summed over runs, of the specialisation for
+        ``dims`` (compile with ``GRAPHC_PROFILE=1`` set to have the entry count them)."""
+        return self.specialise(self.check_dims(dims or {})).runner.profile_report()
 
     @property
     def cache_hits(self) -> int:
@@ -343,7 +363,7 @@ class CpuModel:
                 raise FeedError(f"internal: no array for buffer '{buffer}'")
             for i in slots:
                 table[i] = buffers[buffer].ctypes.data
-        spec.runner.run(table)
+        spec.run(table)
         return [self._output(spec, v, buffers, arrays, targets) for v in self.graph.outputs]
 
     def _output(self, spec, value, buffers, feeds, targets) -> np.ndarray:
