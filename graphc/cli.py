@@ -245,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Import MODEL, run the target's pass pipeline and report "
                                       "what each pass did.")
     add_model(comp)
-    comp.add_argument("--target", default="reference", choices=("reference", "cpu"),
+    comp.add_argument("--target", default="reference", choices=("reference", "cpu", "cuda"),
                       help="reference: the optimised graph on the interpreter (default); cpu: "
-                           "generated LLVM code")
+                           "generated LLVM code; cuda: generated CUDA kernels (numba-cuda and "
+                           "a GPU, or NUMBA_ENABLE_CUDASIM=1)")
     comp.add_argument("--threads", type=int, help="threads for target cpu (default: "
                       "GRAPHC_NUM_THREADS or all cores)")
     comp.add_argument("--conv", default="auto", choices=CONV_ALGORITHMS,
@@ -264,10 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "for --target cpu, what the code cache did)")
     comp.add_argument("--no-cache", action="store_true", help="target cpu: neither read nor "
                       "write the code cache (GRAPHC_CACHE_DIR, default ~/.cache/graphc)")
-    comp.add_argument("--emit", choices=("ir", "dot", "kernel", "llvm", "llvm-opt", "asm"),
+    comp.add_argument("--emit", choices=("ir", "dot", "kernel", "llvm", "llvm-opt", "asm",
+                                        "cuda"),
                       help="print a stage: the optimised graph as IR text or Graphviz DOT; for "
                            "--target cpu the loop-level kernels, LLVM IR (before/after O3) or "
-                           "assembly (symbolic dims = 1 unless --input-shape fixes them)")
+                           "assembly; for --target cuda the kernels or the CUDA kernel source "
+                           "(symbolic dims = 1 unless --input-shape fixes them)")
     comp.set_defaults(func=cmd_compile)
 
     bench = sub.add_parser("bench", help="time a model on graphc vs ONNX Runtime and PyTorch",

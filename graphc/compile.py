@@ -2,7 +2,9 @@
 
 Targets: ``"reference"`` runs the optimised graph on the numpy interpreter (every node kind the
 passes introduce has interpreter semantics); ``"cpu"`` generates LLVM code for it
-(``backends/llvm``: memory plan, kernels, one threaded entry per shape specialisation).
+(``backends/llvm``: memory plan, kernels, one threaded entry per shape specialisation);
+``"cuda"`` generates CUDA kernels from the same kernel plan through numba (``backends/cuda``;
+a GPU with numba-cuda, or numba's simulator with ``NUMBA_ENABLE_CUDASIM=1``).
 
 For target "cpu" the on-disk cache (``backends/llvm/cache.py``) is used unless ``cache=False``
 or ``GRAPHC_CACHE=0``: the optimised graph is looked up by the input graph and the pass options
@@ -25,7 +27,7 @@ from .interp import interpret
 from .ir import Graph
 from .types import TensorType
 
-TARGETS = ("reference", "cpu")
+TARGETS = ("reference", "cpu", "cuda")
 
 
 class CompiledModel:
@@ -76,9 +78,12 @@ class CompiledModel:
     def emit(self, what: str = "ir", dims: Mapping[str, int] | None = None) -> str:
         """Text of a compilation stage: "ir" (the optimised graph); for target "cpu" also
         "kernel" (loop-level kernels), "llvm" (generated LLVM IR), "llvm-opt" (after O3) and
-        "asm" (machine code). ``dims`` binds symbolic dims for the code stages."""
+        "asm" (machine code); for target "cuda" "kernel" and "cuda" (the generated kernel
+        source). ``dims`` binds symbolic dims for the code stages."""
         if what == "ir":
             return str(self.graph)
+        if self.target == "cuda" and what in ("kernel", "cuda"):
+            return self.backend.emit(what, dims)
         if self.backend is None or what not in ("kernel", "llvm", "llvm-opt", "asm"):
             raise GraphcError(f"cannot emit '{what}' for target '{self.target}' (choices: ir"
                               + (", kernel, llvm, llvm-opt, asm" if self.backend else "") + ")")
@@ -126,6 +131,12 @@ def compile(graph: Graph, target: str = "reference",
     pipeline = default_pipeline(target) if passes is None else passes
     manager = PassManager(pipeline, options, verify_each=verify_each, print_after=print_after,
                           print_after_all=print_after_all, dump_dir=dump_dir, out=out)
+    if target == "cuda":
+        from backends.cuda import CudaModel, require_cuda
+
+        require_cuda()  # CudaUnavailableError before spending time in the passes
+        optimised = manager.run(graph)
+        return CompiledModel(optimised, target, manager.pipeline, manager, CudaModel(optimised))
     if target != "cpu":
         return CompiledModel(manager.run(graph), target, manager.pipeline, manager)
     from backends.llvm.cache import CodeCache, cache_enabled

@@ -114,7 +114,8 @@ def parse_pipeline(pipeline: str | Iterable[str]) -> list[str]:
 # time, pick a convolution algorithm per Conv, then fuse epilogues and elementwise chains.
 _INFERENCE = ["canonicalize", "fold-constants", "fold-batchnorm", "winograd", "lower-conv",
               "fuse-epilogue", "fuse-elementwise", "fold-constants", "cse", "dce"]
-DEFAULT_PIPELINES: dict[str, list[str]] = {"reference": list(_INFERENCE), "cpu": list(_INFERENCE)}
+DEFAULT_PIPELINES: dict[str, list[str]] = {"reference": list(_INFERENCE), "cpu": list(_INFERENCE),
+                                           "cuda": list(_INFERENCE)}
 
 
 def default_pipeline(target: str) -> list[str]:
