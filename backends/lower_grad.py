@@ -1,9 +1,7 @@
 """Lowering of the gradient-only ops (``graphc/ops/gradients.py``) to kernel IR.
 
 Registered into ``backends.lower.LOWERINGS`` when imported (``backends/lower.py`` imports the
-lowering families at its end): Step, BroadcastLike and MaxPoolGrad. GatherGrad (a scatter-add
-at run-time indices) has no lowering: the kernel IR cannot store to a data-dependent address,
-so a graph holding one raises ``LoweringError`` naming the node.
+lowering families at its end): Step, BroadcastLike, MaxPoolGrad and GatherGrad.
 
 * Step and BroadcastLike are elementwise maps (``lower.map_kernel``): Step selects 1 or 0 on
   ``x > 0`` (NaN gives 0, as the reference); BroadcastLike copies with numpy broadcasting.
@@ -17,6 +15,12 @@ so a graph holding one raises ``LoweringError`` naming the node.
   selected against the fill, so no load leaves its buffer. The sum runs over candidate windows
   in reverse row-major order, unlike the reference's ``np.add.at``: overlapping windows may
   round differently (one ulp per overlap).
+* GatherGrad (Gather's data gradient, a scatter-add at run-time indices) is in gather form too:
+  dX[a, r, b] = sum over j of dY[a, j, b] where wrap(indices[j]) == r. Every element of dX scans
+  all the indices, so the cost is |dX| * |indices| compares: fine for the class-score and small
+  embedding gathers of the examples, quadratic for large embeddings (a scatter with atomics
+  would need data-dependent stores, which the kernel IR does not have). Indices out of range
+  match no row (the forward Gather has already reported them).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import itertools
 
 from graphc.ops import registry
 from graphc.ops.pool import pool_window
+from graphc.ops.rules import normalize_axis
 from graphc.types import TensorType
 
 from . import kernel_ir as k
@@ -35,6 +40,7 @@ from .lower import (
     KernelBuilder,
     LowerContext,
     Scalar,
+    _around_axis,
     _c,
     lowering,
     map_kernel,
@@ -147,3 +153,40 @@ def _is_first_max(b: Block, axes, x: str, dtype: str, plane, o, tap, taps, spati
         best = b.let(k.select(take, v, best))
     return mine
 
+
+
+# -- GatherGrad -----------------------------------------------------------------------------------
+@lowering("GatherGrad")
+def lower_gather_grad(ctx: LowerContext) -> BoundKernel:
+    dy_t, idx_t, like_t = ctx.in_types
+    if like_t.dtype not in FLOATS:
+        raise ctx.error(f"dtype {like_t.dtype} is not lowered (supported: f32, f64)")
+    axis = normalize_axis(ctx.attrs["axis"], like_t.rank, ctx.opcall())
+    outer, dim, inner = _around_axis(like_t.shape, axis)
+    count = idx_t.numel
+    kb = KernelBuilder(ctx)
+    dx = kb.output(ctx.node.outputs[0], like_t.dtype, (outer, dim, inner))
+    zero = Const(0.0, like_t.dtype)
+    if count == 0:
+        return kb.build([nest(kb, (outer, dim, inner),
+                              lambda b, idx: b.emit(k.Store(dx, tuple(idx), zero)))])
+    dy = kb.input(ctx.node.inputs[0], dy_t.dtype, (outer, count, inner))
+    indices = kb.input(ctx.node.inputs[1], idx_t.dtype, (count,))
+
+    def fill(b: Block, idx: list) -> None:
+        a, row, c = idx
+        total = b.let(zero, mutable=True)
+
+        def visit(blk: Block, j) -> None:
+            v = blk.let(k.cast(Load(indices, (j,), idx_t.dtype), "i64"))
+            wrapped = k.Select(k.Compare("<", v, Const(0, "i64")),
+                               k.Binary("+", v, Const(dim, "i64")), v)
+            # into the index domain, clamped so that an out-of-range index matches no row
+            hit = k.Compare("==", k.IndexOf(wrapped, -1, dim), row)
+            blk.emit(k.Accumulate(total.name, "add",
+                                  k.Select(hit, Load(dy, (a, j, c), dy_t.dtype), zero)))
+
+        b.loop(count, visit)
+        b.emit(k.Store(dx, tuple(idx), total))
+
+    return kb.build([nest(kb, (outer, dim, inner), fill)])

@@ -264,3 +264,22 @@ def test_symbolic_batch_cnn_matches_static_batch():
     f = cnn_feeds(2)
     for a, b in zip(graphc.interpret(gg, f), graphc.interpret(gs, f)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("axis,indices", [(0, [[2, 0], [2, -1]]), (1, [4, 0, 4, -5, 1])])
+def test_gather_gradient_on_the_cpu_matches_the_interpreter(axis, indices):
+    """GatherGrad (a scatter-add; repeated and negative indices accumulate) lowers to a kernel."""
+    rng = np.random.default_rng(7)
+    g = graphc.Graph("gather_grad")
+    data = g.input("data", (3, 5, 2))
+    idx = g.input("idx", np.shape(indices), dtype="i64")
+    picked = ops.gather(data, idx, axis=axis)
+    weights = rng.standard_normal(picked.shape).astype(np.float32)
+    g.output(ops.reduce_sum(picked * weights, keepdims=0))
+    grads = graphc.grad(g, of=g.outputs[0], wrt=["data"])
+    feeds = {"data": rng.standard_normal((3, 5, 2)).astype(np.float32),
+             "idx": np.array(indices, np.int64)}
+    model = graphc.compile(grads, target="cpu", cache=False)
+    assert any(n.op == "GatherGrad" for n in model.graph)
+    for got, want in zip(model.run(feeds), graphc.interpret(grads, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
