@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 
 
 def import_onnx(model, input_shapes=None, input_values=None) -> Graph:
-    """Import an ONNX model (a path, serialised bytes or a ``ModelProto``) as a verified graphc ``Graph``.
+    """Import an ONNX model (a path, serialised bytes or a ``ModelProto``) as a verified
+    graphc ``Graph``.
 
     ``input_shapes`` (name -> shape) fixes symbolic input dims; ``input_values`` (name -> array)
     binds inputs to constants (see ``graphc.onnx_import.import_onnx``).
