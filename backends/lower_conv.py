@@ -56,9 +56,12 @@ from dataclasses import dataclass
 from graphc.ops.convolution import conv_window, transpose_geometry
 
 from . import kernel_ir as k
+
+# a module reference, not names: lower_window may still be loading when this module is imported
+# (lower.py imports the families at its end, and lower_window imports lower first)
+from . import lower_window as window
 from .kernel_ir import INDEX, Const, Load, Var
 from .lower import Block, BoundKernel, KernelBuilder, LowerContext, lowering
-from .lower_window import UNROLL_BUDGET, UNROLL_TAPS, _epilogue, window_load
 
 BLOCK = 4                 # output channels sharing each input load
 CONV_DTYPES = ("f32", "f64")
@@ -137,7 +140,7 @@ def _segments(lines: Sequence[Line], block: int) -> list[list[tuple[int, int]]]:
     fine = [line.fine_segments() for line in lines]
     taps = math.prod(max(len(line.taps), 1) for line in lines)
     looped = any(line.looped for line in lines)
-    if not looped and math.prod(len(f) for f in fine) * taps * block <= UNROLL_BUDGET:
+    if not looped and math.prod(len(f) for f in fine) * taps * block <= window.UNROLL_BUDGET:
         return fine
     return [line.coarse_segments() for line in lines]
 
@@ -236,8 +239,8 @@ def _accumulate(b: Block, spec: ConvSpec, lines, last_segs, where, qs, c, looped
             for i, tail in enumerate(unrolled):
                 taps = looped + tail
                 coords = [line.coord(p, t) for line, p, t in zip(lines, positions, taps)]
-                x = window_load(blk, spec.src, spec.dtype, (n, g, c), coords, spec.in_sizes,
-                                zero)
+                x = window.window_load(blk, spec.src, spec.dtype, (n, g, c), coords,
+                                       spec.in_sizes, zero)
                 if x is None:
                     continue
                 x = blk.let(x)
@@ -278,7 +281,7 @@ def _epilogue_fn(ctx: LowerContext, kb: KernelBuilder, group: int, maps: int, ou
         if not fused:
             return k.Binary("+", value, shift)
         z = Load(residual, at, dtype) if residual is not None else None
-        return _epilogue(ctx, b, value, shift, z)
+        return window._epilogue(ctx, b, value, shift, z)
 
     return apply
 
@@ -314,7 +317,7 @@ def lower_conv(ctx: LowerContext) -> BoundKernel:
 def _looped_axes(kernel: Sequence[int]) -> int:
     """Leading kernel axes that run as loops: the trailing ones unroll within UNROLL_TAPS."""
     split, taps = len(kernel), 1
-    while split > 0 and taps * kernel[split - 1] <= UNROLL_TAPS:
+    while split > 0 and taps * kernel[split - 1] <= window.UNROLL_TAPS:
         split -= 1
         taps *= kernel[split]
     return split

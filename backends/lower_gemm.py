@@ -51,14 +51,26 @@ import numpy as np
 from llvmlite import ir
 
 from graphc.ops.rules import broadcast_dims
+from graphc.ops.winograd import transform_matrices
 
 from .llvm.gemm import (
     _IR_OF_CTYPE,
     EPILOGUE_PARAMS,
     KERNEL_ARGTYPES,
+    VEC,
+    VF,
+    VI64,
+    VMASK,
+    VOID,
     EpilogueSpec,
     GemmBlocking,
     Sgemm,
+    VectorMath,
+    _define,
+    _Emitter,
+    _i64,
+    _intrinsic,
+    _vconst,
     compile_kernel,
 )
 from .llvm.gemm import _aligned_empty as aligned_floats
@@ -471,3 +483,315 @@ def _counted_loop(b: ir.IRBuilder, start, stop):
     i.add_incoming(b.add(i, I64(1)), b.block)
     b.branch(head)
     b.position_at_end(done)
+
+
+# -- WinogradConv: input transform, batched GEMM and output transform, block by block ------------
+WINOGRAD_BLOCK_FLOATS = 160 * 1024  # V + M floats of one block: with the packing, within L2
+
+
+def winograd_block_tiles(a2: int, c: int, k: int, tiles: int) -> int:
+    """Tiles per block: V and M of a block (a2 * tiles * (c + k) floats) about
+    ``WINOGRAD_BLOCK_FLOATS``; a multiple of 16 (one vector of tiles), at least one."""
+    fit = WINOGRAD_BLOCK_FLOATS // (a2 * (c + k)) // VEC * VEC
+    return max(VEC, min(-(-tiles // VEC) * VEC, fit))
+
+
+@dataclass(frozen=True)
+class WinogradGeometry:
+    """The numbers the fused kernel is specialised on (all compile-time)."""
+
+    m: int
+    c: int
+    k: int
+    height: int
+    width: int
+    out_h: int
+    out_w: int
+    tiles: tuple        # (th, tw) per image
+    images: int
+    pads: tuple         # (top, left)
+    block: int          # tiles per block
+
+    @property
+    def alpha(self) -> int:
+        return self.m + 2
+
+    @property
+    def total_tiles(self) -> int:
+        return self.images * self.tiles[0] * self.tiles[1]
+
+    @property
+    def v_floats(self) -> int:
+        return self.alpha ** 2 * self.block * self.c
+
+    @property
+    def scratch_floats(self) -> int:
+        """Per thread: V then M of one block, each rounded up to 16 floats (64 bytes)."""
+        m_floats = self.alpha ** 2 * self.block * self.k
+        return -(-self.v_floats // VEC) * VEC + -(-m_floats // VEC) * VEC
+
+
+@lowering("WinogradConv")
+def lower_winograd_conv(ctx: LowerContext) -> BoundFunction:
+    """Blocks of ``winograd_block_tiles`` tiles (of the folded N * th * tw tile axis) are dealt
+    out round-robin to the threads; per block a thread transforms the input into its scratch
+    V^T [a*a, C, block], runs the a*a GEMMs U[e]^T @ V^T[e] -> M^T [a*a, K, block]
+    single-threaded (the SGEMM kernel with tid 0 of 1; a constant U is transposed at compile
+    time), and transforms M^T into the output with the epilogue. Tiles lie along the
+    scratch's rows, so both transforms run 16 tiles to a vector: their NCHW side is a gather
+    or scatter within a few rows of one channel plane, their scratch side contiguous. V and M
+    stay in the thread's L2 between the stages (the staged ops send both through memory: 58 MB
+    each way for VGG-16's 64->64@224)."""
+    _check_f32(ctx)
+    attrs, node = ctx.attrs, ctx.node
+    images, c, height, width = ctx.in_types[0].shape
+    a2, _, k = ctx.in_types[1].shape
+    th, tw = attrs["tiles"]
+    geo = WinogradGeometry(attrs["m"], c, k, height, width, *attrs["out_shape"][2:], (th, tw),
+                           images, tuple(attrs["pads"][:2]),
+                           winograd_block_tiles(a2, c, k, images * th * tw))
+    at, _, bt = transform_matrices(ctx.opcall(), np.float32)
+    activation, params = _epilogue(ctx)
+    values = {"x": node.inputs[0], "u": node.inputs[1], "y": node.outputs[0]}
+    extra, transposed = {}, True
+    if ctx.in_values[1] is not None:  # U^T [a*a, K, C] once now, so A packs by row copies
+        values["u"] = f"{node.name}/u_transposed"
+        extra[values["u"]] = np.ascontiguousarray(
+            np.asarray(ctx.in_values[1], np.float32).transpose(0, 2, 1))
+        transposed = False
+    roles = ["x", "u", "y"]
+    for i, role in ((2, "bias"), (3, "z")):
+        if ctx.has_input(i):
+            values[role] = node.inputs[i]
+            roles.append(role)
+    threads = available_cores()
+    scratch = f"graphc/winograd_scratch_{geo.scratch_floats}_x{threads}"
+    extra[scratch] = aligned_floats(geo.scratch_floats * threads)
+    constants = _constants(ctx, params, extra)
+    names = [values[r] for r in roles] + [constants["params"], constants["workspace"], scratch]
+    arrays = {constants[key]: constants[f"{key}_array"] for key in ("params", "workspace")}
+    arrays.update(extra)
+    gemm = compile_kernel(BLOCKING, EpilogueSpec(trans_a=transposed)).address
+
+    def emit(module: ir.Module, symbol: str) -> ir.Function:
+        kernel = _WinogradConvEmitter(module, symbol, geo, bt, at, activation, roles)
+        return kernel.entry(gemm, transposed, threads)
+
+    text = (f"Winograd F({geo.m}x{geo.m},3x3) fused: {geo.total_tiles} tiles in blocks of "
+            f"{geo.block}, {a2} GEMMs {geo.block}x{c}x{k} per block (sgemm called by address)")
+    return BoundFunction(ctx.name, emit, tuple(names), arrays, text)
+
+
+VPF = ir.VectorType(PF, VEC)       # <16 x float*>: the addresses of a gather or scatter
+
+
+class _WinogradConvEmitter:
+    """The fused kernel's LLVM code: an entry that walks this thread's blocks, and the two
+    transforms as internal functions over a block's tiles. The transforms run 16 consecutive
+    tiles at a time in ``<16 x float>`` vectors, one channel after another: the scratch side
+    (V^T, M^T: tiles contiguous) is one masked vector access, the NCHW side (X, Y, Z) a masked
+    gather or scatter whose lanes are switched off for tiles past the block, taps on the
+    padding (gathers read zero) and cropped outputs (scatters skip them)."""
+
+    def __init__(self, module: ir.Module, symbol: str, geo: WinogradGeometry, bt, at,
+                 activation: str, roles: Sequence[str]):
+        self.module, self.symbol, self.geo = module, symbol, geo
+        self.bt, self.at = np.asarray(bt), np.asarray(at)
+        self.activation, self.roles = activation, list(roles)
+
+    # the pieces of vector code both transforms use
+    @staticmethod
+    def _vi(value: int) -> ir.Constant:
+        return ir.Constant(VI64, [value] * VEC)
+
+    def _addresses(self, em: _Emitter, plane, offsets):
+        """<16 x float*>: lane l addresses ``plane + offsets[l]`` (offsets: <16 x i64>)."""
+        b = em.b
+        base = em.splat(b.ptrtoint(plane, I64), VI64)
+        return b.inttoptr(b.add(base, b.mul(offsets, self._vi(4))), VPF)
+
+    def _gather(self, em: _Emitter, addresses, mask):
+        fn = _intrinsic(self.module, "llvm.masked.gather.v16f32.v16p0", VF,
+                        [VPF, I32, VMASK, VF])
+        return em.b.call(fn, [addresses, ir.Constant(I32, 4), mask, _vconst(0.0)])
+
+    def _scatter(self, em: _Emitter, value, addresses, mask) -> None:
+        fn = _intrinsic(self.module, "llvm.masked.scatter.v16f32.v16p0", VOID,
+                        [VF, VPF, I32, VMASK])
+        em.b.call(fn, [value, addresses, ir.Constant(I32, 4), mask])
+
+    @staticmethod
+    def _dense_map(em: _Emitter, matrix: np.ndarray, values: Sequence) -> list:
+        """``out[i] = sum_j matrix[i, j] * values[j]`` on vectors, with the NaN rule of
+        ``lower_window.dense_map``: a zero coefficient adds ``x - x`` (+0, or NaN when x is
+        infinite or NaN, as the reference's ``0 * x``)."""
+        b = em.b
+        differences: dict[int, object] = {}
+        out = []
+        for row in matrix.tolist():
+            total = None
+            for coefficient, v in zip(row, values):
+                if coefficient == 0:
+                    if id(v) not in differences:
+                        differences[id(v)] = b.fsub(v, v)
+                    term = differences[id(v)]
+                elif coefficient == 1:
+                    term = v
+                elif coefficient == -1:
+                    term = b.fneg(v)
+                else:
+                    term = b.fmul(v, _vconst(coefficient))
+                total = term if total is None else b.fadd(total, term)
+            out.append(total)
+        return out
+
+    def _tiles(self, em: _Emitter, t, t1):
+        """(lanes t + l < t1, image, tile row, tile column) of the 16 tiles from t, as vectors;
+        lanes past t1 get tile 0's position (in range, and masked off)."""
+        b, (th, tw) = em.b, self.geo.tiles
+        flat = b.add(em.splat(t, VI64), ir.Constant(VI64, list(range(VEC))))
+        live = b.icmp_signed("<", flat, em.splat(t1, VI64))
+        flat = b.select(live, flat, self._vi(0))
+        image = b.udiv(flat, self._vi(th * tw))
+        rest = b.urem(flat, self._vi(th * tw))
+        return live, image, b.udiv(rest, self._vi(tw)), b.urem(rest, self._vi(tw))
+
+    def _coords(self, em: _Emitter, tile, shift: int, size: int):
+        """(coordinate clamped into range, inside [0, size)) of ``tile * m + shift``."""
+        b = em.b
+        coord = b.add(b.mul(tile, self._vi(self.geo.m)), self._vi(shift))
+        inside = b.and_(b.icmp_signed(">=", coord, self._vi(0)),
+                        b.icmp_signed("<", coord, self._vi(size)))
+        return b.select(inside, coord, self._vi(0)), inside
+
+    # the transforms
+    def input_transform(self) -> ir.Function:
+        """V^T[e, c, t - t0] = (B^T d B)[e] for the tiles t0 <= t < t1 of X."""
+        geo, a = self.geo, self.geo.alpha
+        fn = _define(self.module, f"{self.symbol}.input", VOID,
+                     [("x", PF), ("v", PF), ("t0", I64), ("t1", I64)])
+        x, v, t0, t1 = fn.args
+        em = _Emitter(self.module, fn)
+        b = em.b
+        hw = geo.height * geo.width
+        with em.loop(t0, t1, _i64(VEC), "t") as t:
+            live, image, i, j = self._tiles(em, t, t1)
+            rows = [self._coords(em, i, r - geo.pads[0], geo.height) for r in range(a)]
+            cols = [self._coords(em, j, q - geo.pads[1], geo.width) for q in range(a)]
+            start = b.mul(image, self._vi(geo.c * hw))
+            offsets = [[b.add(start, b.add(b.mul(r, self._vi(geo.width)), q)) for q, _ in cols]
+                       for r, _ in rows]
+            masks = [[b.and_(live, b.and_(ok_r, ok_q)) for _, ok_q in cols] for _, ok_r in rows]
+            at = b.sub(t, t0)
+            with em.loop(_i64(0), _i64(geo.c), _i64(1), "c") as c:
+                plane = em.gep(x, em.mul(c, _i64(hw)))
+                d = [[self._gather(em, self._addresses(em, plane, offsets[r][q]), masks[r][q])
+                      for q in range(a)] for r in range(a)]
+                rows_t = [self._dense_map(em, self.bt, row) for row in d]          # d B
+                vt = [self._dense_map(em, self.bt, [row[nu] for row in rows_t])   # B^T (d B)
+                      for nu in range(a)]
+                row_at = em.add(em.mul(c, _i64(geo.block)), at)
+                for xi in range(a):
+                    for nu in range(a):
+                        where = em.add(row_at, _i64((xi * a + nu) * geo.c * geo.block))
+                        em.masked_store(vt[nu][xi], em.gep(v, where), live)
+        b.ret_void()
+        return fn
+
+    def output_transform(self) -> ir.Function:
+        """Y[n, k, i*m + u, j*m + v] = act((A^T M A)[u, v] + bias[k] + Z[...]) for the tiles
+        t0 <= t < t1 (M^T[e, k, t - t0]); positions past the output's edge are not stored."""
+        geo, a, m = self.geo, self.geo.alpha, self.geo.m
+        epilogue_roles = [r for r in self.roles if r in ("bias", "z")]
+        fn = _define(self.module, f"{self.symbol}.output", VOID,
+                     [("mt", PF), ("y", PF)] + [(r, PF) for r in epilogue_roles]
+                     + [("params", PF), ("t0", I64), ("t1", I64)])
+        mt, y, *epilogue_ptrs, params, t0, t1 = fn.args
+        ptr = dict(zip(epilogue_roles, epilogue_ptrs))
+        em = _Emitter(self.module, fn)
+        b = em.b
+        act_params = [em.splat(b.load(em.gep(params, _i64(i)), align=4))
+                      for i in range(len(EPILOGUE_PARAMS.get(self.activation, ())))]
+        hw = geo.out_h * geo.out_w
+        with em.loop(t0, t1, _i64(VEC), "t") as t:
+            live, image, i, j = self._tiles(em, t, t1)
+            rows = [self._coords(em, i, u, geo.out_h) for u in range(m)]
+            cols = [self._coords(em, j, v, geo.out_w) for v in range(m)]
+            start = b.mul(image, self._vi(geo.k * hw))
+            offsets = [[b.add(start, b.add(b.mul(r, self._vi(geo.out_w)), q)) for q, _ in cols]
+                       for r, _ in rows]
+            masks = [[b.and_(live, b.and_(ok_r, ok_q)) for _, ok_q in cols] for _, ok_r in rows]
+            at = b.sub(t, t0)
+            with em.loop(_i64(0), _i64(geo.k), _i64(1), "k") as k:
+                row_at = em.add(em.mul(k, _i64(geo.block)), at)
+                mm = [[em.masked_load(em.gep(mt, em.add(row_at, _i64((xi * a + nu) * geo.k
+                                                                   * geo.block))), live)
+                       for nu in range(a)] for xi in range(a)]
+                cols_t = [self._dense_map(em, self.at, [row[nu] for row in mm])  # A^T M
+                          for nu in range(a)]
+                out = [self._dense_map(em, self.at, [col[u] for col in cols_t])  # (A^T M) A
+                       for u in range(m)]
+                bias = (em.splat(b.load(em.gep(ptr["bias"], k), align=4))
+                        if "bias" in ptr else None)
+                plane_at = em.mul(k, _i64(hw))
+                for u in range(m):
+                    for v in range(m):
+                        self._store_output(em, out[u][v], bias, ptr, em.gep(y, plane_at),
+                                           plane_at, offsets[u][v], masks[u][v], act_params)
+        b.ret_void()
+        return fn
+
+    def _store_output(self, em: _Emitter, value, bias, ptr, plane, plane_at, offsets, mask,
+                      act_params) -> None:
+        """activation(value + bias + residual), in ``ops/epilogue.apply_epilogue``'s order,
+        scattered to the 16 tiles' output positions."""
+        b = em.b
+        if bias is not None:
+            value = b.fadd(value, bias)
+        if "z" in ptr:
+            z_plane = em.gep(ptr["z"], plane_at)
+            value = b.fadd(value, self._gather(em, self._addresses(em, z_plane, offsets), mask))
+        value = VectorMath(em).activation(self.activation, value, act_params)
+        self._scatter(em, value, self._addresses(em, plane, offsets), mask)
+
+    # the entry
+    def entry(self, gemm_address: int, trans_a: bool, slots: int) -> ir.Function:
+        """``void symbol(x, u, y, [bias], [z], params, workspace, scratch, tid, n_threads)``:
+        threads ``tid < min(n_threads, slots)`` take blocks tid, tid + workers, ..."""
+        geo = self.geo
+        a2 = geo.alpha ** 2
+        n_ptrs = len(self.roles) + 3
+        fnty = ir.FunctionType(VOID, [PF] * n_ptrs + [I32, I32])
+        fn = ir.Function(self.module, fnty, self.symbol)
+        fn.linkage = "internal"
+        inputs, outputs = self.input_transform(), self.output_transform()
+        ptr = dict(zip(self.roles, fn.args))
+        params, workspace, scratch = fn.args[len(self.roles):n_ptrs]
+        em = _Emitter(self.module, fn)
+        b = em.b
+        tid, n_threads = b.sext(fn.args[-2], I64), b.sext(fn.args[-1], I64)
+        workers = em.min(em.max(n_threads, _i64(1)), _i64(slots))
+        blocks = -(-geo.total_tiles // geo.block)
+        m_offset = -(-geo.v_floats // VEC) * VEC
+        target = b.inttoptr(_i64(gemm_address), _kernel_pointer_type())
+        null = ir.Constant(PF, None)
+        epilogue = [ptr[r] for r in self.roles if r in ("bias", "z")]
+        # A = U^T[e]: stored [K, C] (a compile-time transpose), or U[e] itself read transposed
+        lda = geo.k if trans_a else geo.c
+        with b.if_then(b.icmp_signed("<", tid, workers)):
+            ws = em.gep(workspace, em.mul(tid, _i64(BLOCKING.workspace_floats)))
+            v = em.gep(scratch, em.mul(tid, _i64(geo.scratch_floats)))
+            mt = em.gep(v, _i64(m_offset))
+            with em.loop(tid, _i64(blocks), workers, "block") as block:
+                t0 = em.mul(block, _i64(geo.block))
+                t1 = em.min(em.add(t0, _i64(geo.block)), _i64(geo.total_tiles))
+                b.call(inputs, [ptr["x"], v, t0, t1])
+                b.call(target, [
+                    _i64(a2), _i64(geo.k), b.sub(t1, t0), _i64(geo.c),
+                    ptr["u"], _i64(lda), _i64(geo.c * geo.k),
+                    v, _i64(geo.block), _i64(geo.c * geo.block),
+                    mt, _i64(geo.block), _i64(geo.k * geo.block),
+                    null, null, _i64(0), _i64(0), params, ws, _i64(0), _i64(1)])
+                b.call(outputs, [mt, ptr["y"], *epilogue, params, t0, t1])
+        b.ret_void()
+        return fn

@@ -33,6 +33,7 @@ nonzero transform coefficient (the transforms) and ``2 * a*a * T * C * K`` for t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -340,3 +341,57 @@ register(OpDef(
     epilogue_bias_axis=1,
     doc="Winograd output transform: M -> Y [N, K, OH, OW] (A^T M A per tile, cropped) with "
         "the fused epilogue activation(Y + B + Z)"))
+
+
+# -- WinogradConv: the three run-time stages in one op ----------------------------------------
+def infer_conv(call: OpCall) -> list[TensorType]:
+    """X [N, C, H, W] and U [a*a, C, K] -> Y [N, K, OH, OW]; group 1 and a static batch only
+    (the fused kernel walks blocks of the folded tile axis)."""
+    x = _float_operand(call, 0, "X", 4)
+    u = _float_operand(call, 1, "U", 3)
+    if call["group"] != 1 or not call["fold_batch"]:
+        raise call.error("the fused form takes group=1 and fold_batch=1 (use the staged ops)")
+    v_type = infer_input(call)[0]                     # checks pads, tiles and X
+    a2, c = v_type.shape[0], v_type.shape[2]
+    if u.dtype != x.dtype or u.shape[:2] != (a2, c) or not isinstance(u.shape[2], int):
+        raise call.error(f"U must be {x.dtype}[{a2}, {c}, K] for X {x}, got {u}")
+    n, k = _output_shape(call)[:2]
+    if n != x.shape[0] or k != u.shape[2]:
+        raise call.error(f"out_shape {list(call['out_shape'])} does not match X {x} and U {u}")
+    return infer_output(_as_output_call(call, TensorType((a2, v_type.shape[1], k), x.dtype)))
+
+
+def _as_output_call(call: OpCall, m_type: TensorType) -> OpCall:
+    """The call as WinogradOutput sees it: inputs (M, B?, Z?) instead of (X, U, B?, Z?)."""
+    return dataclasses.replace(call, in_types=(m_type, *call.in_types[2:]), in_values=())
+
+
+def conv_reference(call: OpCall, x: np.ndarray, u: np.ndarray, b: np.ndarray | None = None,
+                   z: np.ndarray | None = None) -> np.ndarray:
+    """The staged references in order: V, then M = V @ U per tile element, then the output."""
+    v = input_reference(call, x)
+    products = np.matmul(v, u)
+    m_type = TensorType(products.shape, call.in_types[0].dtype)
+    return output_reference(_as_output_call(call, m_type), products, b, z)
+
+
+def conv_flops(call: OpCall, out_types) -> int:
+    x, u = call.in_types[:2]
+    if not (x.is_static and u.is_static):
+        return 0
+    a2, c, k = u.shape
+    tiles = x.shape[0] * call["tiles"][0] * call["tiles"][1]
+    v_type = TensorType((a2, tiles, c), x.dtype)
+    m_type = TensorType((a2, tiles, k), x.dtype)
+    return (input_flops(call, [v_type]) + 2 * a2 * tiles * c * k
+            + output_flops(_as_output_call(call, m_type), out_types))
+
+
+register(OpDef(
+    name="WinogradConv", inputs=("X", "U", "B?", "Z?"), outputs=("Y",),
+    attrs={**COMMON_ATTRS, **LAYOUT_ATTRS, "pads": ints(), "out_shape": ints(),
+           **EPILOGUE_ATTRS},
+    infer=infer_conv, reference=conv_reference, kind="out-fusable", flops=conv_flops,
+    epilogue_bias_axis=1,
+    doc="Winograd conv in one op: WinogradInputTransform, MatMul with U and WinogradOutput "
+        "(epilogue included), so a backend can run them block by block over the tiles"))
