@@ -33,6 +33,10 @@ from graphc.ops.rules import normalize_axis
 from graphc.types import TensorType
 
 from . import kernel_ir as k
+
+# a module reference, not names: lower_window may still be loading when this module is imported
+# (lower.py imports the families at its end, and lower_window imports lower first)
+from . import lower_window as lw
 from .kernel_ir import INDEX, Const, Load
 from .lower import (
     Block,
@@ -47,7 +51,6 @@ from .lower import (
     nest,
     scalar_rule,
 )
-from .lower_window import _lowest, window_axes, window_load
 
 FLOATS = ("f32", "f64")
 
@@ -87,7 +90,7 @@ def lower_max_pool_grad(ctx: LowerContext) -> BoundKernel:
     spatial = x_t.shape[2:]
     if min(spatial, default=1) < 1:
         raise ctx.shape_error(f"empty spatial axis in {tuple(spatial)}")
-    axes = window_axes(_forward_window(ctx, x_t), spatial)
+    axes = lw.window_axes(_forward_window(ctx, x_t), spatial)
     planes = x_t.shape[0] * x_t.shape[1]
     out = [a.out for a in axes]
     kb = KernelBuilder(ctx)
@@ -95,7 +98,10 @@ def lower_max_pool_grad(ctx: LowerContext) -> BoundKernel:
     x = kb.input(ctx.node.inputs[1], x_t.dtype, (planes, *spatial))
     dx = kb.output(ctx.node.outputs[0], x_t.dtype, (planes, *spatial))
     taps = list(itertools.product(*[range(a.kernel) for a in axes]))
-    lowest, zero = _lowest(x_t.dtype), Const(0.0, x_t.dtype)
+    lowest, zero = lw._lowest(x_t.dtype), Const(0.0, x_t.dtype)
+    if all(a.dilation == 1 and a.stride >= a.kernel for a in axes):
+        scan = _one_window_fill(axes, x, dy, dx, x_t.dtype, dy_t.dtype, taps, spatial)
+        return kb.build([nest(kb, (planes, *spatial), scan)])
 
     def fill(b: Block, idx: list) -> None:
         plane, pos = idx[0], idx[1:]
@@ -112,6 +118,46 @@ def lower_max_pool_grad(ctx: LowerContext) -> BoundKernel:
         b.emit(k.Store(dx, tuple(idx), total))
 
     return kb.build([nest(kb, (planes, *spatial), fill)])
+
+
+def _one_window_fill(axes, x: str, dy: str, dx: str, dtype: str, dy_dtype: str, taps,
+                     spatial):
+    """Loop body for windows that do not overlap (dilation 1, stride >= kernel): an input
+    element lies in at most one window, ``o = (i + pad) // stride`` at tap ``(i + pad) %
+    stride``, so it scans that one window (kernel^2 loads, not kernel^4) for the first maximum
+    and takes dY there when the winner is itself."""
+    lowest, zero = lw._lowest(dtype), Const(0.0, dtype)
+
+    def fill(b: Block, idx: list) -> None:
+        plane, pos = idx[0], idx[1:]
+        valid, window, own_tap = Const(1, k.BOOL), [], []
+        for a, i in zip(axes, pos):
+            num = b.index(k.add(i, _i(a.pad)))
+            o = b.index(k.floordiv(num, a.stride))
+            t = b.index(k.mod(num, a.stride))
+            inside = k.logical_and(k.compare("<", t, _i(a.kernel)),
+                                   k.compare("<", o, _i(a.out)))
+            valid = b.index(k.logical_and(valid, inside))
+            window.append(b.index(k.minimum(o, _i(a.out - 1))))  # in range for the loads
+            own_tap.append(t)
+        best, mine = lowest, Const(0, k.BOOL)
+        for tap in taps:
+            coords = [a.coord(w, _i(t)) for a, w, t in zip(axes, window, tap)]
+            v = lw.window_load(b, x, dtype, (plane,), coords, spatial, lowest)
+            if v is None:
+                continue  # padding never wins
+            v = b.let(v)
+            nan_first = k.logical_and(k.compare("!=", v, v), k.compare("==", best, best))
+            take = b.let(k.Binary("|", k.compare(">", v, best), nan_first))
+            is_own = Const(1, k.BOOL)
+            for t_own, t in zip(own_tap, tap):
+                is_own = k.logical_and(is_own, k.compare("==", t_own, _i(t)))
+            mine = b.let(k.select(take, b.index(is_own), mine))
+            best = b.let(k.select(take, v, best))
+        grad = b.let(Load(dy, (plane, *window), dy_dtype))
+        b.emit(k.Store(dx, tuple(idx), k.select(k.logical_and(valid, mine), grad, zero)))
+
+    return fill
 
 
 def _window_of(b: Block, axes, pos, tap):
@@ -142,7 +188,7 @@ def _is_first_max(b: Block, axes, x: str, dtype: str, plane, o, tap, taps, spati
     best, mine = lowest, Const(0.0, dtype)
     for other in taps:
         coords = [a.coord(w, _i(t)) for a, w, t in zip(axes, o, other)]
-        v = window_load(b, x, dtype, (plane,), coords, spatial, lowest)
+        v = lw.window_load(b, x, dtype, (plane,), coords, spatial, lowest)
         if v is None:
             continue  # padding never wins
         v = b.let(v)

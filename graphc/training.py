@@ -17,6 +17,11 @@ arrays live in two preallocated sets used in turn (ping-pong): a step
 reads set A and writes the new values straight into set B (``CompiledModel.run(feeds, into=)``),
 the next one reads B and writes A, so no step allocates and no Python loop touches parameters.
 
+Targets: "cpu" (with the ``BoundStep`` fast path), "cuda" (the CUDA backend's
+``run(feeds, into=)``: the carried arrays round-trip through the host each step, which keeps
+``fit``'s ping-pong sets authoritative; device-resident state is later work) and "reference"
+(the interpreter).
+
 Batches: ``X`` and the targets are permuted once per epoch (one copy), so every batch is a
 contiguous view. A smaller last batch is run as it is (target "cpu" specialises the program for
 that batch size once); ``drop_last=True`` skips it instead. Dropout masks are drawn on the host

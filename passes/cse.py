@@ -11,7 +11,8 @@
 
 Two nodes are the same expression when they have the same op, the same operands (the operands
 of Add, Mul, Max and Min in any order: those are exactly commutative), equal attributes (defaults
-filled in; arrays compared by value) and the same result types. Two Constants are the same when
+filled in, also those derived from the operands such as a window's unit strides; arrays
+compared by value) and the same result types. Two Constants are the same when
 dtype, shape and bytes agree (so 0.0 and -0.0 differ, and NaNs with equal bits match). The first
 in topological order stays, which makes the result deterministic. Never merged: Params
 (trainable; merging them would tie weights), random nodes (Dropout in training mode), and an
@@ -48,7 +49,7 @@ def cse(graph: Graph, options: PassOptions) -> Graph:
         if node.op == "Constant":
             first = constants.first_equal(node)
         else:
-            first = expressions.setdefault(_expression_key(node), name)
+            first = expressions.setdefault(_expression_key(g, node), name)
             if node.op == "Identity" and node.output in g.outputs:
                 continue  # it names a graph output: it may be kept, but not merged away
         if first is not None and first != name:
@@ -58,18 +59,58 @@ def cse(graph: Graph, options: PassOptions) -> Graph:
     return g
 
 
-def _expression_key(node: Node) -> tuple:
+def _expression_key(g: Graph, node: Node) -> tuple:
     inputs = node.inputs
     if node.op in COMMUTATIVE:
         inputs = tuple(sorted(inputs))
-    attrs = registry.get(node.op).full_attrs(node.attrs)
+    attrs = canonical_attrs(g, node)
     return (node.op, inputs, tuple(sorted((k, _attr_key(v)) for k, v in attrs.items())),
             node.types, tuple(o is None for o in node.outputs))
+
+
+# Window attributes whose default (None) means "this value on every spatial axis": the
+# lowering of a Conv spells them out (Im2Col {dilations=[1, 1], strides=[1, 1]}) where the
+# weight-gradient rule leaves them out, and the two Im2Cols must still merge.
+WINDOW_DEFAULTS = {"strides": (1, 1), "dilations": (1, 1), "pads": (0, 2)}  # (value, per axis)
+
+
+def canonical_attrs(g: Graph, node: Node) -> dict:
+    """``node``'s attributes with every default filled in, including the defaults that depend
+    on the operands: window strides/dilations/pads (pads only without auto_pad or an explicit
+    output shape, which derive them) and Transpose's reversed ``perm``."""
+    opdef = registry.get(node.op)
+    attrs = opdef.full_attrs(node.attrs)
+    if node.op == "Transpose" and attrs.get("perm") is None and node.inputs:
+        attrs["perm"] = tuple(reversed(range(g.type_of(node.inputs[0]).rank)))
+    axes = _spatial_axes(g, node, attrs)
+    if axes is None:
+        return attrs
+    derived_pads = attrs.get("auto_pad", "NOTSET") != "NOTSET" or \
+        attrs.get("output_shape") is not None
+    for name, (value, per_axis) in WINDOW_DEFAULTS.items():
+        if name in opdef.attrs and attrs.get(name) is None and not (name == "pads"
+                                                                    and derived_pads):
+            attrs[name] = (value,) * (per_axis * axes)
+    return attrs
+
+
+def _spatial_axes(g: Graph, node: Node, attrs: dict) -> int | None:
+    """How many spatial axes a windowed op slides over (kernel_shape's length, else X's rank
+    minus batch and channels); None for other ops."""
+    if not any(name in attrs for name in WINDOW_DEFAULTS):
+        return None
+    if attrs.get("kernel_shape") is not None:
+        return len(attrs["kernel_shape"])
+    if not node.inputs or node.inputs[0] is None:
+        return None
+    return max(g.type_of(node.inputs[0]).rank - 2, 0)
 
 
 def _attr_key(value):
     if isinstance(value, np.ndarray):
         return ("tensor", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, list):
+        return tuple(_attr_key(v) for v in value)  # [1, 1] == (1, 1)
     return value
 
 

@@ -124,3 +124,46 @@ def test_duplicates_that_are_graph_outputs_keep_their_names_as_identities():
     assert out.producer("third").inputs == ("first",)
     assert str(run_passes(out, ["cse"])) == str(out)
     assert_same_outputs_on(g, out, {"x": np.array([-1, 0, 2], np.float32)})
+
+
+def test_window_defaults_spelt_out_or_left_out_merge():
+    """Conv lowering writes Im2Col {dilations=[1, 1], strides=[1, 1]}, the weight-gradient
+    rule leaves them out: the same expression. Explicit non-default values still differ."""
+    g = graphc.Graph.parse("""
+    graph t(%x: f32[N,2,5,5]) {
+      %a = Im2Col(%x) {kernel_shape=[3, 3], pads=[1, 1, 1, 1]} : f32[N,1,18,25]
+      %b = Im2Col(%x) {SPELT_OUT} : f32[N,1,18,25]
+      %c = Im2Col(%x) {kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]} : f32[N,1,18,9]
+      %d = Im2Col(%x) {kernel_shape=[3, 3]} : f32[N,1,18,9]
+      %e = Im2Col(%x) {kernel_shape=[3, 3], pads=[0, 0, 0, 0]} : f32[N,1,18,9]
+      %p = MaxPool(%x) {kernel_shape=[2, 2]} : f32[N,2,4,4]
+      %q = MaxPool(%x) {kernel_shape=[2, 2], strides=[1, 1], dilations=[1, 1]} : f32[N,2,4,4]
+      %t = Transpose(%x) : f32[5,5,2,N]
+      %u = Transpose(%x) {perm=[3, 2, 1, 0]} : f32[5,5,2,N]
+      return %a, %b, %c, %d, %e, %p, %q, %t, %u
+    }""".replace("SPELT_OUT", "dilations=[1, 1], group=1, kernel_shape=[3, 3], "
+                              "pads=[1, 1, 1, 1], strides=[1, 1]"))
+    out = run_passes(g, ["cse"])
+    kept = {n.op: set() for n in out.nodes()}
+    for node in out.nodes():
+        kept[node.op].add(node.name)
+    assert kept["Im2Col"] == {"a", "c", "d"}
+    assert kept["MaxPool"] == {"p"} and kept["Transpose"] == {"t"}
+    rng = np.random.default_rng(0)
+    for batch in (1, 3):
+        x = rng.standard_normal((batch, 2, 5, 5)).astype(np.float32)
+        assert_same_outputs_on(g, out, {"x": x})
+
+
+def test_conv_pads_from_auto_pad_are_not_filled_in():
+    """With auto_pad the pads derive from it: no pads default is filled in, so a Conv with
+    auto_pad=SAME_UPPER never merges with one spelling pads=[0, 0, 0, 0]."""
+    rng = np.random.default_rng(1)
+    g = graphc.Graph("auto_pad")
+    x = g.input("x", (None, 2, 6, 6))
+    w = rng.standard_normal((3, 2, 2, 2)).astype(np.float32)
+    same = ops.conv(x, w, auto_pad="SAME_UPPER", name="same")
+    valid = ops.conv(x, w, pads=[0, 0, 0, 0], auto_pad="SAME_UPPER", name="valid")
+    g.output(same, valid)
+    out = run_passes(g, ["cse"])
+    assert {n.name for n in out.nodes() if n.op == "Conv"} == {"same", "valid"}

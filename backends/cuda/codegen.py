@@ -29,7 +29,8 @@ as the IR defines them. No fast-math and no contraction into FMA. Transcendental
 CUDA's libdevice (``expf``, ``logf``, ``tanhf``, ``erff``, ``expm1f``, ``log1pf``, ``powf``:
 at most 2 ulp, 4 for ``powf``, per the CUDA programming guide; ``sqrtf`` is correctly rounded);
 on the simulator they are numpy's (which, unlike Python's ``math``, return inf/NaN instead of
-raising).
+raising). ``IndexOf`` (run-time integer data as an index) is an int64 widening clamped with
+``imin``/``imax``.
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ class Emitter:
             return f"{self.buffers[e.buffer]}[{self.address(e.buffer, e.indices, scope)}]"
         if isinstance(e, k.Lookup):
             return f"{self.tables[e.table]}[{self.expr(e.index, scope)}]"
+        if isinstance(e, k.IndexOf):
+            return self.index_of(e, scope)
         if isinstance(e, k.Unary):
             return self.unary(e, scope)
         if isinstance(e, k.Binary):
@@ -268,6 +271,15 @@ class Emitter:
         if op in ("+", "-", "*", "/"):
             return self.wrap(f"({a} {op} {b})", dtype)
         raise self.error(f"unknown binary op {op!r}")
+
+    def index_of(self, e: k.IndexOf, scope: dict) -> str:
+        """Integer data as an int64 index clamped into [lo, hi] (a u64 above hi is compared
+        while still unsigned: widening it to int64 would wrap it negative)."""
+        x, i64 = self.expr(e.x, scope), np_name("i64")
+        clamped = f"imin(imax({i64}({x}), {i64}({e.lo})), {i64}({e.hi}))"
+        if e.x.dtype == "u64":
+            return f"({i64}({e.hi}) if {x} > {np_name('u64')}({e.hi}) else {clamped})"
+        return clamped
 
     def cast(self, e: k.Cast, scope: dict) -> str:
         src, dst, x = e.x.dtype, e.dtype, self.expr(e.x, scope)

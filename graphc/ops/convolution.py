@@ -479,14 +479,20 @@ def conv_weight_grad(ctx, x, g, w_type, win: Window, group: int):
 
 
 def _weight_grad_im2col(ctx, x, g, w_type, win: Window, group: int):
+    """dW as per-sample GEMMs over Im2Col(X) summed over the batch (a symbolic batch cannot be
+    merged into one GEMM's K = N * pixels: the IR has no product dims). Per sample and group
+    it computes dW^T = cols (C/G*taps, P) @ dY^T (P, M/G), so that the transpose feeding the
+    GEMM is dY's, not the columns' (C/G*taps / (M/G) times larger; the forward pass's Im2Col
+    of X is shared through CSE), and the one (C/G*taps, M/G) result per group is transposed
+    after the sum."""
     m = w_type.shape[0]
     cols = ctx.op("Im2Col", x, kernel_shape=list(win.kernel), strides=list(win.strides),
                   pads=list(win.pads), dilations=list(win.dilations), group=group)
     pixels = cols.shape[3]
     gm = ctx.reshape(g, [g.shape[0], group, m // group, pixels])
-    rows = ctx.op("MatMul", gm, ctx.transpose(cols, [0, 1, 3, 2]))  # (N, G, M/G, C/G*taps)
-    total = ctx.reduce_sum(rows, [0], keepdims=False)
-    return ctx.reshape(total, w_type.shape)
+    rows_t = ctx.op("MatMul", cols, ctx.transpose(gm, [0, 1, 3, 2]))  # (N, G, C/G*taps, M/G)
+    total = ctx.reduce_sum(rows_t, [0], keepdims=False)
+    return ctx.reshape(ctx.transpose(total, [0, 2, 1]), w_type.shape)
 
 
 def _bias_grad(ctx, g):
