@@ -1,5 +1,5 @@
 """The ``graphc`` command line: ``inspect``, ``run``, ``compile`` and ``bench`` an ONNX model;
-``passes``.
+``passes``; ``cache info|clear``; ``demo``, a tour on built-in defaults.
 
 Every user error ends as one line ``graphc: error: ...`` on stderr and exit status 2.
 """
@@ -157,6 +157,14 @@ def cmd_passes(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """The tour of ``graphc.demo``: train, compile, time and export a small digits CNN."""
+    from .demo import run
+
+    run(args)
+    return 0
+
+
 def cmd_bench(args) -> int:
     """Time the model on graphc, ONNX Runtime and PyTorch; exit 1 if a runner disagrees."""
     from .bench import bench_graph, format_markdown, problems
@@ -210,6 +218,18 @@ def _batched_shapes(graph, batch: int) -> dict:
         raise FeedError(f"--batch must be >= 1, got {batch}")
     return {v: (batch,) + tuple(graph.type_of(v).shape[1:]) for v in graph.inputs
             if graph.type_of(v).rank >= 1}
+
+
+def cmd_cache(args) -> int:
+    """``graphc cache info`` / ``graphc cache clear``: the CPU backend's on-disk code cache."""
+    from backends.llvm.cache import CodeCache
+
+    cache = CodeCache()
+    if args.action == "clear":
+        print(f"removed {cache.clear()} entries from {cache.directory}")
+    else:
+        print(cache.info())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,6 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     passes_cmd = sub.add_parser("passes", help="list the passes and default pipelines",
                                 description="List every registered pass with its description.")
     passes_cmd.set_defaults(func=cmd_passes)
+
+    from .demo import add_arguments as add_demo_arguments
+
+    demo = sub.add_parser("demo", help="a one-minute tour: train, compile, time and export a "
+                                       "small CNN on the digits",
+                          description="Train a LeNet-style CNN on 8x8 digits (scikit-learn's, "
+                                      "else built-in synthetic ones), show the pass pipeline "
+                                      "with its Winograd rewrite, report test accuracy, time "
+                                      "the compiled model against the interpreter and ONNX "
+                                      "Runtime, and export it to ONNX.")
+    add_demo_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    cache = sub.add_parser("cache", help="show or empty the CPU backend's code cache",
+                           description="info: location, entries and total size of the code "
+                                       "cache (GRAPHC_CACHE_DIR, limit GRAPHC_CACHE_MAX); "
+                                       "clear: remove every entry.")
+    cache.add_argument("action", choices=("info", "clear"))
+    cache.set_defaults(func=cmd_cache)
     return parser
 
 

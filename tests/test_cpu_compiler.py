@@ -132,3 +132,40 @@ def test_onnx_node_case_on_the_cpu(case):
         for i, (g, w) in enumerate(zip(got, conformance._arrays(outputs))):
             conformance._assert_close(g, np.asarray(w), max(case.rtol, 1e-5),
                                       max(case.atol, 1e-6), f"{case.name} output {i}")
+
+
+def _static_mlp(batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    g = graphc.Graph("static")
+    x = g.input("x", (batch, 13))
+    h = ops.relu(ops.gemm(x, rng.standard_normal((13, 9)).astype(np.float32),
+                          rng.standard_normal(9).astype(np.float32)))
+    g.output(ops.sigmoid(h), x)
+    return g
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_static_fast_path_matches_the_interpreter_and_keeps_the_checks(batch, threads):
+    """Exact feeds of a static model take the fast path (fresh outputs every run, an input
+    output copied); everything else still goes through the general checks."""
+    g = _static_mlp(batch)
+    model = CpuModel(graphc.compile(g).graph, threads=threads)
+    assert model._fast is not None
+    previous = None
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal((batch, 13)).astype(np.float32)
+        got = model.run({"x": x})
+        for a, w in zip(got, graphc.interpret(g, {"x": x})):
+            np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)
+        assert got[1] is not x and (previous is None or got[0] is not previous)
+        previous = got[0]
+    x = np.random.default_rng(9).standard_normal((batch, 26)).astype(np.float32)[:, ::2]
+    want = graphc.interpret(g, {"x": np.ascontiguousarray(x)})
+    np.testing.assert_allclose(model.run({"x": x})[0], want[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(FeedError, match="dtype"):
+        model.run({"x": x.astype(np.float64)})
+    with pytest.raises(FeedError, match="shape"):
+        model.run({"x": np.zeros((batch + 1, 13), np.float32)})
+    with pytest.raises(FeedError, match="unknown feed 'y'"):
+        model.run({"x": np.ascontiguousarray(x), "y": x})

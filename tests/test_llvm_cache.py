@@ -388,3 +388,61 @@ def test_run_time_errors_are_still_checked_after_a_cache_hit(tmp_path):
     for report in (cold, warm):
         assert report["error"] is not None and "Gather node 'lookup'" in report["error"]
         assert "first is 7" in report["error"]
+
+
+# -- size limit -----------------------------------------------------------------------------------
+def test_cache_limit_reads_sizes_with_suffixes(monkeypatch):
+    assert code_cache.cache_limit("4G") == 4 << 30 and code_cache.cache_limit("512m") == 512 << 20
+    assert code_cache.cache_limit("2KB") == 2048 and code_cache.cache_limit(" 1000 ") == 1000
+    monkeypatch.delenv("GRAPHC_CACHE_MAX", raising=False)
+    assert code_cache.cache_limit() == 4 << 30
+    monkeypatch.setenv("GRAPHC_CACHE_MAX", "3 parsecs")
+    with pytest.raises(code_cache.CacheConfigError, match="GRAPHC_CACHE_MAX='3 parsecs'"):
+        code_cache.cache_limit()
+
+
+def _store_sized(cache: CodeCache, key: str, floats: int, used: float) -> Path:
+    assert cache.store("code", key, {}, {"object.o": b"x"},
+                       {"w": np.zeros(floats, np.float32)})
+    directory = cache.entry_dir("code", key)
+    os.utime(directory / "manifest.json", (used, used))  # a deterministic last use
+    return directory
+
+
+def test_eviction_removes_the_least_recently_used_but_never_the_new_entry(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("GRAPHC_CACHE_MAX", "1G")
+    cache = CodeCache(tmp_path)
+    old = {k: _store_sized(cache, k * 64, 20000, used) for k, used in
+           (("a", 1000.0), ("b", 2000.0), ("c", 3000.0))}
+    per_entry = cache.entries()[0][1]
+    assert [d for d, _, _ in cache.entries()] == [old["a"], old["b"], old["c"]]
+    assert cache.load("code", "a" * 64) is not None  # a hit makes "a" the most recent
+    monkeypatch.setenv("GRAPHC_CACHE_MAX", str(3 * per_entry + per_entry // 2))
+    _store_sized(cache, "d" * 64, 20000, 4000.0)
+    left = {d.name[0] for d, _, _ in cache.entries()}
+    assert left == {"a", "c", "d"}, left  # "b" was the least recently used
+    monkeypatch.setenv("GRAPHC_CACHE_MAX", "1")  # smaller than any entry
+    _store_sized(cache, "e" * 64, 100, 5000.0)
+    assert [d.name[0] for d, _, _ in cache.entries()] == ["e"]
+    assert cache.load("code", "e" * 64) is not None
+    assert not [p for p in (tmp_path / "code").iterdir() if p.name.startswith(".")]
+
+
+def test_cli_cache_info_and_clear(tmp_path, monkeypatch, capsys):
+    from graphc.cli import main
+
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("GRAPHC_CACHE_MAX", "2G")
+    cache = CodeCache(tmp_path)
+    for k in "ab":
+        _store_sized(cache, k * 64, 1000, 1.0)
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and "entries: 2 (2 code, 0 graph)" in out and "of 2.0 GiB" in out
+    assert main(["cache", "clear"]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out
+    assert cache.entries() == [] and cache.load("code", "a" * 64) is None
+    monkeypatch.setenv("GRAPHC_CACHE_MAX", "lots")
+    assert main(["cache", "info"]) == 2
+    assert "GRAPHC_CACHE_MAX" in capsys.readouterr().err

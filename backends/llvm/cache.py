@@ -44,6 +44,11 @@ and every non-array file's checksum (object code is executed, so it must be exac
 written); the arrays are only size-checked, since hashing 1.4 GB would cost more than the whole
 load. A corrupt entry is a ``CacheWarning`` and a miss: it is removed and rebuilt. An unwritable
 cache directory is a ``CacheWarning`` and the model is compiled without storing anything.
+Size limit: ``GRAPHC_CACHE_MAX`` (bytes, with an optional K, M or G suffix, powers of 1024;
+default 4G; a VGG-16 code entry is ~1 GB). After each store the least recently USED entries
+(a hit touches the entry's manifest mtime) are evicted until the cache fits, never the entry
+just stored; eviction renames an entry away before deleting it, so a concurrent reader either
+loads it whole or misses. ``graphc cache info`` and ``graphc cache clear`` show and empty it.
 Arrays over 64 KiB are memory-mapped on load (code arrays copy-on-write, since the GEMM
 workspace is written at run time; graph constants read-only). The graph is pickled: the cache
 directory is the user's own, as for ``__pycache__``.
@@ -68,6 +73,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphc.errors import GraphcError
 from graphc.ir import INPUT, Graph
 
 CACHE_FORMAT = 2
@@ -77,10 +83,30 @@ OFF_VALUES = ("0", "off", "false", "no")
 MAPPED_ARRAY_BYTES = 1 << 16   # arrays from this size on are memory-mapped when loaded
 HASH_CHUNK_BYTES = 1 << 25     # unit of parallel hashing
 MANIFEST = "manifest.json"
+ENV_MAX = "GRAPHC_CACHE_MAX"
+DEFAULT_MAX = "4G"
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+KINDS = ("code", "graph")
 
 
 class CacheWarning(UserWarning):
     """The code cache could not be used (unwritable directory, corrupt entry); compiling goes on."""
+
+
+class CacheConfigError(GraphcError):
+    """A cache setting (``GRAPHC_CACHE_MAX``) that cannot be understood."""
+
+
+def cache_limit(text: str | None = None) -> int:
+    """Bytes allowed by ``text`` (default: ``GRAPHC_CACHE_MAX``, else 4G): digits with an
+    optional K/M/G suffix (powers of 1024, a trailing B allowed)."""
+    raw = os.environ.get(ENV_MAX, DEFAULT_MAX) if text is None else text
+    value = raw.strip().upper().removesuffix("B")
+    unit = value[-1:] if value[-1:] in SIZE_UNITS else ""
+    number = value[:len(value) - len(unit)].strip()
+    if not number.isdigit():
+        raise CacheConfigError(f"{ENV_MAX}={raw!r} is not a size (e.g. 4G, 512M, 1000000)")
+    return int(number) * SIZE_UNITS[unit]
 
 
 # -- switches and location ------------------------------------------------------------------------
@@ -269,6 +295,7 @@ class CodeCache:
             self._corrupt(directory, str(exc))
             return None
         self.hits += 1
+        _touch(directory / MANIFEST)  # "used": eviction goes by last use, not by age
         return entry
 
     @staticmethod
@@ -320,6 +347,7 @@ class CodeCache:
                         "arrays": list(arrays), "meta": meta}
             (staging / MANIFEST).write_text(json.dumps(manifest))
             self._publish(staging, final)
+            self.evict(keep=final)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             warnings.warn(f"graphc code cache: cannot write entry {final} ({exc}); compiled "
@@ -349,6 +377,59 @@ class CodeCache:
             if not (final / MANIFEST).exists():
                 raise
             shutil.rmtree(staging, ignore_errors=True)  # another process published it first
+
+    # -- size ------------------------------------------------------------------------------------
+    def entries(self) -> list[tuple[Path, int, float]]:
+        """Every published entry: (directory, bytes, last use), least recently used first."""
+        found = []
+        for kind in KINDS:
+            try:
+                directories = list((self.directory / kind).iterdir())
+            except OSError:
+                continue
+            for directory in directories:
+                if directory.name.startswith("."):  # staging or trash of some process
+                    continue
+                try:
+                    used = (directory / MANIFEST).stat().st_mtime
+                    size = sum(f.stat().st_size for f in directory.iterdir())
+                except OSError:  # half-written, or removed meanwhile
+                    continue
+                found.append((directory, size, used))
+        return sorted(found, key=lambda e: e[2])
+
+    def evict(self, keep: Path | None = None, limit: int | None = None) -> int:
+        """Remove least recently used entries (never ``keep``) until the cache holds at most
+        ``limit`` bytes (default ``cache_limit()``); returns how many were removed."""
+        limit = cache_limit() if limit is None else limit
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        removed = 0
+        for directory, size, _ in entries:
+            if total <= limit:
+                break
+            if keep is not None and directory == keep:
+                continue
+            self.discard(directory)
+            total -= size
+            removed += 1
+        return removed
+
+    def clear(self) -> int:
+        """Remove every entry; returns how many."""
+        entries = self.entries()
+        for directory, _, _ in entries:
+            self.discard(directory)
+        return len(entries)
+
+    def info(self) -> str:
+        entries = self.entries()
+        counts = {kind: sum(d.parent.name == kind for d, _, _ in entries) for kind in KINDS}
+        total = sum(size for _, size, _ in entries)
+        return (f"location: {self.directory}\n"
+                f"entries: {len(entries)} ({', '.join(f'{n} {k}' for k, n in counts.items())})\n"
+                f"size: {_format_bytes(total)} of {_format_bytes(cache_limit())} "
+                f"({ENV_MAX})")
 
     # -- the optimised graph ---------------------------------------------------------------------
     def store_graph(self, key: str, graph: Graph, digest: str, inputs_of: Graph) -> bool:
@@ -385,6 +466,20 @@ class CodeCache:
             self._corrupt(entry.directory, "the rebuilt graph differs from the stored one")
             return None
         return graph, entry.meta["digest"]
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache still serves hits
+        pass
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("G", "M", "K"):
+        if n >= SIZE_UNITS[unit]:
+            return f"{n / SIZE_UNITS[unit]:.1f} {unit}iB"
+    return f"{n} B"
 
 
 def _graph_payload(graph: Graph) -> dict:

@@ -82,8 +82,23 @@ class Specialisation:
         out of range: the kernel clamped it, so nothing was read out of bounds)."""
         with self.run_lock:  # the error slots are per specialisation, like the arena
             self.runner.run(table)
-            for check in self.checks:
-                check.raise_if_recorded(self.constants[check.slot])
+            self._raise_recorded()
+
+    def run_patched(self, addresses: list[int]) -> None:
+        """Run over the specialisation's own table with the external slots (in
+        ``external_slots`` order, one address per buffer) patched in place: the run lock
+        serialises runs, so no per-run copy of the table is needed."""
+        with self.run_lock:
+            table = self.table
+            for slots, address in zip(self.external_slots.values(), addresses):
+                for i in slots:
+                    table[i] = address
+            self.runner.run(table)
+            self._raise_recorded()
+
+    def _raise_recorded(self) -> None:
+        for check in self.checks:
+            check.raise_if_recorded(self.constants[check.slot])
 
     @property
     def llvm_ir(self) -> str:
@@ -289,8 +304,9 @@ class CpuModel:
         self._lock = threading.Lock()
         self._symbols = [d for v in graph.inputs for d in graph.type_of(v).shape
                          if isinstance(d, str)]
+        self._fast: _FastRun | None = None
         if not self._symbols:
-            self.specialise({})
+            self._fast = _FastRun.build(graph, self.specialise({}))
 
     @property
     def graph_digest(self) -> str:
@@ -345,6 +361,10 @@ class CpuModel:
         """Run on ``feeds``; the outputs are fresh arrays, except those named in ``into``
         (output name -> C-contiguous array of the output's shape and dtype, aliasing no feed),
         which are written in place and returned as they are."""
+        if self._fast is not None and not into:
+            ready = self._fast.accepts(feeds)
+            if ready is not None:
+                return self._fast.run(ready)
         arrays = {k: np.ascontiguousarray(v) for k, v in check_feeds(self.graph, feeds).items()}
         spec = self.specialise(self._dims_of(arrays))
         targets = check_into(self.graph, into or {}, arrays, lambda v: spec.plan[v].type)
@@ -357,13 +377,10 @@ class CpuModel:
                 if outputs[p.buffer] is None:
                     outputs[p.buffer] = np.empty(t.shape, t.np_dtype)
         buffers = {**arrays, **outputs}
-        table = spec.table.copy()
-        for buffer, slots in spec.external_slots.items():
-            if buffer not in buffers:
-                raise FeedError(f"internal: no array for buffer '{buffer}'")
-            for i in slots:
-                table[i] = buffers[buffer].ctypes.data
-        spec.run(table)
+        missing = [b for b in spec.external_slots if b not in buffers]
+        if missing:
+            raise FeedError(f"internal: no array for buffer '{missing[0]}'")
+        spec.run_patched([buffers[b].ctypes.data for b in spec.external_slots])
         return [self._output(spec, v, buffers, arrays, targets) for v in self.graph.outputs]
 
     def _output(self, spec, value, buffers, feeds, targets) -> np.ndarray:
@@ -379,6 +396,71 @@ class CpuModel:
 
     def __call__(self, feeds=None, **named):
         return self.run({**(feeds or {}), **named})
+
+
+class _FastRun:
+    """``run`` without the general checks, for a static-shape model whose feeds are exactly
+    its inputs as C-contiguous ndarrays of the right dtype and shape (anything else takes the
+    general path, which validates, copies and raises as before). Everything that does not
+    depend on the feeds is computed once: which buffers to allocate, which slots to patch,
+    where each output comes from."""
+
+    def __init__(self, graph: Graph, spec: Specialisation):
+        self.spec = spec
+        self.inputs = list(graph.inputs)
+        self.want = [(tuple(graph.type_of(v).shape), graph.type_of(v).np_dtype)
+                     for v in self.inputs]
+        fresh = list(dict.fromkeys(  # the output buffers, as the general path allocates them
+            spec.plan[v].buffer for v in graph.outputs if spec.plan[v].storage == "output"
+            and spec.plan[v].buffer not in graph.inputs))
+        self.allocations = [(tuple(spec.plan[b].type.shape), spec.plan[b].type.np_dtype)
+                            for b in fresh]
+        order = {b: i for i, b in enumerate(fresh)}
+        # external buffer -> ("feed", input index) or ("fresh", allocation index)
+        self.patches = [("feed", self.inputs.index(b)) if b in graph.inputs else
+                        ("fresh", order[b]) for b in spec.external_slots]
+        self.sources = [self._source(graph, spec, v, order) for v in graph.outputs]
+
+    @classmethod
+    def build(cls, graph: Graph, spec: Specialisation) -> _FastRun | None:
+        """None when a buffer has no array to bind (the general path reports it)."""
+        known = set(graph.inputs) | {spec.plan[v].buffer for v in graph.outputs
+                                     if spec.plan[v].storage == "output"}
+        if any(b not in known for b in spec.external_slots):
+            return None
+        return cls(graph, spec)
+
+    def _source(self, graph: Graph, spec: Specialisation, value: str, order: dict):
+        """Where output ``value`` comes from, as ``CpuModel._output`` decides it."""
+        p = spec.plan[value]
+        if p.storage == "output" and p.buffer in order:
+            return "fresh", order[p.buffer]
+        if p.storage == "output" and p.buffer in graph.inputs:
+            return "alias", self.inputs.index(p.buffer)
+        if value in graph.inputs:  # copied, never aliased to the caller
+            return "feed", self.inputs.index(value)
+        return "constant", graph.constant_value(value)
+
+    def accepts(self, feeds) -> list[np.ndarray] | None:
+        """The feeds in input order if they fit the fast path, else None."""
+        if type(feeds) is not dict or len(feeds) != len(self.inputs):
+            return None
+        arrays = []
+        for name, (shape, dtype) in zip(self.inputs, self.want):
+            array = feeds.get(name)
+            if type(array) is not np.ndarray or array.shape != shape or \
+                    array.dtype != dtype or not array.flags.c_contiguous:
+                return None
+            arrays.append(array)
+        return arrays
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        fresh = [np.empty(shape, dtype) for shape, dtype in self.allocations]
+        pools = {"feed": arrays, "fresh": fresh}
+        self.spec.run_patched([pools[kind][i].ctypes.data for kind, i in self.patches])
+        return [fresh[where] if kind == "fresh" else arrays[where] if kind == "alias" else
+                np.array(arrays[where] if kind == "feed" else where, copy=True)
+                for kind, where in self.sources]
 
 
 def check_into(graph: Graph, into: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray],

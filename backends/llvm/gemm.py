@@ -951,34 +951,47 @@ def compile_kernel(blocking: GemmBlocking = GemmBlocking(),
 # -- the worker pool -----------------------------------------------------------------------------
 # Waking a blocked thread costs ~25 us each way here (futex + VM scheduling), as much as the
 # whole of a 256^3 GEMM on two cores. So the wrapper's workers wait for jobs in generated native
-# code: each spins (GIL released, `pause` between polls) on a shared generation counter for
-# ``spin_s`` after its last job, runs jobs it sees, and only then returns to Python to block on
-# an Event. The job is a table of int64 words the calling thread fills in before publishing the
-# next generation with a release store; workers read it after an acquire load, and count their
-# completion with an atomic add that the caller waits for (spinning, then sleeping in steps).
+# code: each spins (GIL released, `pause` between polls, `sched_yield` every YIELD_EVERY polls)
+# on a shared generation counter for ``spin_s`` after its last job, then sleeps on that
+# counter's futex, still in native code: a new job wakes it with no Python (and no GIL) on the
+# wake-up path. The job is a table of int64 words the calling thread fills in before publishing
+# the next generation with a seq_cst store; workers read it after a seq_cst load, and count their
+# completion with an atomic add that the caller waits for the same way (spin, then futex).
+# A sleeper announces itself in a counter next to the word it sleeps on before its last check,
+# and a writer wakes the futex only when that counter is non-zero (Dekker: both sides store,
+# then load, seq_cst), so a run that finds everyone spinning makes no system call.
+# Sleeping rather than spinning matters when other processes crowd the cores: a sleeping waiter
+# frees its core, and the kernel moves the thread it waits for there.
 # The same pool runs a compiled graph's entry (``KIND_ENTRY``, backends/llvm/runtime.py), whose
-# C signature is ``void entry(void* table, i32 tid, i32 n_threads, void* barrier)``.
-JOB_GENERATION, JOB_DONE = 0, 8          # on separate cache lines: one is written by everyone
+# C signature is ``void entry(void* table, i32 tid, i32 n_threads, void* barrier)``. An entry
+# shares its work out dynamically (threads claim chunks), so the caller need not wait for a
+# worker that has not started: ``close_job`` marks the job closed, and a worker joins a job
+# only if, after counting itself in ``JOB_ACTIVE``, it finds the job still open (Dekker again);
+# the caller then waits only for the workers that did join.
+JOB_GENERATION, JOB_SLEEPERS, JOB_CLOSED = 0, 1, 2  # the job counter, sleeping workers, the
+JOB_DONE, JOB_DONE_SLEEPERS = 8, 9                  # last closed job; on another cache line
+JOB_ACTIVE, JOB_ACTIVE_SLEEPERS = 10, 11            # (written by every worker): completions and
+                                                    # the workers inside a job
 JOB_KIND, JOB_FUNCTION, JOB_THREADS, JOB_ARGS = 16, 17, 18, 19
 JOB_WORKSPACES = JOB_ARGS + 18           # one workspace pointer per thread id
 KIND_EXIT, KIND_KERNEL, KIND_PACK, KIND_ENTRY = -1, 0, 1, 2
+YIELD_EVERY = 1024                       # polls between sched_yield calls (a power of 2)
 _I32_T = ctypes.c_int32
 ENTRY_ARGTYPES = (_PTR_T, _I32_T, _I32_T, _PTR_T)
 _IR_OF_CTYPE = {_I64_T: I64, _PTR_T: PF, _I32_T: I32}
 
 
 def generate_worker_module() -> ir.Module:
-    """``graphc_worker_loop(job, tid, spin_ticks, seen) -> seen'`` (-1: told to exit),
-    ``graphc_wait_count(counter, target, spin_ticks) -> value``, ``graphc_publish(slot, v)``
+    """``graphc_worker_loop(job, tid, spin_ticks, seen) -> -1`` (returns when told to exit),
+    ``graphc_wait_count(job, target, spin_ticks) -> done`` (waits until done >= target),
+    ``graphc_close_job(job, generation, spin_ticks)``, ``graphc_publish(job, generation)``
     and ``graphc_cycle_counter()``."""
     module = ir.Module(name="graphc_workers")
     p64 = I64.as_pointer()
     _worker_loop(module, p64)
     _wait_count(module, p64)
-    publish = _define(module, "graphc_publish", VOID, [("slot", p64), ("value", I64)], False)
-    em = _Emitter(module, publish)
-    em.b.store_atomic(publish.args[1], publish.args[0], "release", 8)
-    em.b.ret_void()
+    _close_job(module, p64)
+    _publish(module, p64)
     ticks = _define(module, "graphc_cycle_counter", I64, [], False)
     em = _Emitter(module, ticks)
     em.b.ret(em.b.call(_intrinsic(module, "llvm.readcyclecounter", I64, []), []))
@@ -986,25 +999,75 @@ def generate_worker_module() -> ir.Module:
 
 
 def _spin_until(em: _Emitter, ready, spin_ticks, name: str):
-    """Emit ``while not ready(): pause`` for at most spin_ticks cycles; returns (block where
+    """Emit ``while not ready(): pause`` for at most spin_ticks cycles, with a sched_yield every
+    YIELD_EVERY polls (the thread this one waits for may need the core); returns (block where
     ready() held, its value; block reached on time-out)."""
+    from .target import libc_function
+
     b, module = em.b, em.module
     clock = _intrinsic(module, "llvm.readcyclecounter", I64, [])
     pause = _intrinsic(module, "llvm.x86.sse2.pause", VOID, [])
-    start = b.call(clock, [])
+    start, before = b.call(clock, []), b.block
     poll = b.append_basic_block(f"{name}.poll")
     wait = b.append_basic_block(f"{name}.wait")
     hit = b.append_basic_block(f"{name}.ready")
     timeout = b.append_basic_block(f"{name}.timeout")
     b.branch(poll)
     b.position_at_end(poll)
+    polls = b.phi(I64, name=f"{name}.polls")
+    polls.add_incoming(_i64(0), before)
     ok, value = ready()
     b.cbranch(ok, hit, wait)
     b.position_at_end(wait)
     b.call(pause, [])
+    polled = b.add(polls, _i64(1))
+    with b.if_then(b.icmp_unsigned("==", b.and_(polled, _i64(YIELD_EVERY - 1)), _i64(0))):
+        b.call(libc_function(module, "sched_yield"), [])
+    polls.add_incoming(polled, b.block)
     late = b.icmp_signed(">", b.sub(b.call(clock, []), start), spin_ticks)
     b.cbranch(late, timeout, poll)
     return hit, value, timeout
+
+
+def _wait_until(em: _Emitter, ready, word, sleepers, spin_ticks, name: str):
+    """Emit a wait until ``ready()`` (which loads ``word``, seq_cst, and returns (ok, the value
+    loaded)) holds: spin for spin_ticks cycles, then sleep on ``word``'s futex (its low 32 bits),
+    counted in ``sleepers`` so that writers of ``word`` know to wake it. Returns the value that
+    satisfied ready(), with the builder after the wait."""
+    from .target import emit_futex_wait
+
+    b = em.b
+    hit, value, timeout = _spin_until(em, ready, spin_ticks, name)
+    check, nap, awake, done = (b.append_basic_block(f"{name}.{part}")
+                               for part in ("check", "nap", "awake", "done"))
+    b.position_at_end(timeout)
+    b.atomic_rmw("add", sleepers, _i64(1), "seq_cst")  # before the last check (see above)
+    b.branch(check)
+    b.position_at_end(check)
+    ok, seen = ready()
+    b.cbranch(ok, awake, nap)
+    b.position_at_end(nap)
+    emit_futex_wait(b, b.bitcast(word, I32.as_pointer()), b.trunc(seen, I32))
+    b.branch(check)
+    b.position_at_end(awake)
+    b.atomic_rmw("sub", sleepers, _i64(1), "seq_cst")
+    b.branch(done)
+    b.position_at_end(hit)
+    b.branch(done)
+    b.position_at_end(done)
+    result = b.phi(I64, name=f"{name}.value")
+    result.add_incoming(value, hit)
+    result.add_incoming(seen, awake)
+    return result
+
+
+def _store_and_wake(b: ir.IRBuilder, word, sleepers, store) -> None:
+    """``store()`` (a seq_cst write of ``word``), then wake ``word``'s sleepers if any."""
+    from .target import emit_futex_wake_all
+
+    store()
+    with b.if_then(b.icmp_signed("!=", b.load_atomic(sleepers, "seq_cst", 8), _i64(0))):
+        emit_futex_wake_all(b, b.bitcast(word, I32.as_pointer()))
 
 
 def _worker_loop(module: ir.Module, p64) -> None:
@@ -1024,13 +1087,16 @@ def _worker_loop(module: ir.Module, p64) -> None:
         return em.gep(job, index if isinstance(index, ir.Value) else _i64(index))
 
     def new_generation():
-        gen = b.load_atomic(word(JOB_GENERATION), "acquire", 8)
+        gen = b.load_atomic(word(JOB_GENERATION), "seq_cst", 8)
         return b.icmp_signed("!=", gen, seen), gen
 
-    run, gen, timeout = _spin_until(em, new_generation, spin_ticks, "job")
-    b.position_at_end(timeout)
-    b.ret(seen)
-    b.position_at_end(run)
+    gen = _wait_until(em, new_generation, word(JOB_GENERATION), word(JOB_SLEEPERS), spin_ticks,
+                      "job")
+    b.atomic_rmw("add", word(JOB_ACTIVE), _i64(1), "seq_cst")
+    join, leave = b.append_basic_block("join"), b.append_basic_block("leave")
+    closed = b.load_atomic(word(JOB_CLOSED), "seq_cst", 8)
+    b.cbranch(b.icmp_signed(">=", closed, gen), leave, join)  # the caller has moved on
+    b.position_at_end(join)
     kind = b.load(word(JOB_KIND))
     exit_block, dispatch = b.append_basic_block("exit"), b.append_basic_block("dispatch")
     b.cbranch(b.icmp_signed("<", kind, _i64(0)), exit_block, dispatch)
@@ -1053,7 +1119,12 @@ def _worker_loop(module: ir.Module, p64) -> None:
             _call_by_address(b, target, types, words, tail)
             b.branch(done)
     b.position_at_end(done)
-    b.atomic_rmw("add", word(JOB_DONE), _i64(1), "release")
+    _store_and_wake(b, word(JOB_DONE), word(JOB_DONE_SLEEPERS),
+                    lambda: b.atomic_rmw("add", word(JOB_DONE), _i64(1), "seq_cst"))
+    b.branch(leave)
+    b.position_at_end(leave)
+    _store_and_wake(b, word(JOB_ACTIVE), word(JOB_ACTIVE_SLEEPERS),
+                    lambda: b.atomic_rmw("sub", word(JOB_ACTIVE), _i64(1), "seq_cst"))
     seen.add_incoming(gen, b.block)
     b.branch(top)
 
@@ -1072,21 +1143,47 @@ def _call_by_address(b: ir.IRBuilder, address, ctypes_args, words, tail) -> None
 
 
 def _wait_count(module: ir.Module, p64) -> None:
-    fn = _define(module, "graphc_wait_count", I64, [("counter", p64), ("target", I64),
+    fn = _define(module, "graphc_wait_count", I64, [("job", p64), ("target", I64),
                                                     ("spin_ticks", I64)], False)
-    counter, target, spin_ticks = fn.args
+    job, target, spin_ticks = fn.args
     em = _Emitter(module, fn)
     b = em.b
+    counter = em.gep(job, _i64(JOB_DONE))
 
     def reached():
-        value = b.load_atomic(counter, "acquire", 8)
+        value = b.load_atomic(counter, "seq_cst", 8)
         return b.icmp_signed(">=", value, target), value
 
-    hit, value, timeout = _spin_until(em, reached, spin_ticks, "count")
-    b.position_at_end(hit)
-    b.ret(value)
-    b.position_at_end(timeout)
-    b.ret(b.load_atomic(counter, "acquire", 8))
+    b.ret(_wait_until(em, reached, counter, em.gep(job, _i64(JOB_DONE_SLEEPERS)), spin_ticks,
+                      "count"))
+
+
+def _close_job(module: ir.Module, p64) -> None:
+    """Mark job ``generation`` closed, then wait until no worker is inside it."""
+    fn = _define(module, "graphc_close_job", VOID, [("job", p64), ("generation", I64),
+                                                    ("spin_ticks", I64)], False)
+    job, generation, spin_ticks = fn.args
+    em = _Emitter(module, fn)
+    b = em.b
+    b.store_atomic(generation, em.gep(job, _i64(JOB_CLOSED)), "seq_cst", 8)
+    active = em.gep(job, _i64(JOB_ACTIVE))
+
+    def empty():
+        value = b.load_atomic(active, "seq_cst", 8)
+        return b.icmp_signed("==", value, _i64(0)), value
+
+    _wait_until(em, empty, active, em.gep(job, _i64(JOB_ACTIVE_SLEEPERS)), spin_ticks, "close")
+    b.ret_void()
+
+
+def _publish(module: ir.Module, p64) -> None:
+    fn = _define(module, "graphc_publish", VOID, [("job", p64), ("generation", I64)], False)
+    job, generation = fn.args
+    em = _Emitter(module, fn)
+    slot = em.gep(job, _i64(JOB_GENERATION))
+    _store_and_wake(em.b, slot, em.gep(job, _i64(JOB_SLEEPERS)),
+                    lambda: em.b.store_atomic(generation, slot, "seq_cst", 8))
+    em.b.ret_void()
 
 
 _WORKER_FUNCTIONS: dict[str, object] = {}
@@ -1101,6 +1198,7 @@ def _worker_functions() -> dict[str, object]:
             i64 = ctypes.c_int64
             fns = {"loop": c.ctypes_function("graphc_worker_loop", i64, _PTR_T, i64, i64, i64),
                    "wait": c.ctypes_function("graphc_wait_count", i64, _PTR_T, i64, i64),
+                   "close": c.ctypes_function("graphc_close_job", None, _PTR_T, i64, i64),
                    "publish": c.ctypes_function("graphc_publish", None, _PTR_T, i64),
                    "ticks": c.ctypes_function("graphc_cycle_counter", i64),
                    "module": c}
@@ -1117,7 +1215,9 @@ def _ticks_per_second(ticks) -> float:
 
 class WorkerPool:
     """``threads - 1`` Python threads that run kernel, pack or graph-entry jobs for thread ids
-    1...; the caller runs thread id 0 itself (see the section comment above).
+    1...; the caller runs thread id 0 itself (see the section comment above). Each thread
+    spends its whole life in ``graphc_worker_loop`` (native code, GIL released) and returns to
+    Python only when ``close`` tells it to exit.
 
     ``run`` is ``start`` + the caller's own call + ``finish``; callers that make their own call
     (the graph runtime) use ``start`` and ``finish``. One job at a time: callers serialise."""
@@ -1133,7 +1233,6 @@ class WorkerPool:
             w.ctypes.data for w in workspaces]
         self._address = self._job.ctypes.data
         self._generation = 0
-        self._wake = [threading.Event() for _ in range(threads)]
         self._threads = [threading.Thread(target=self._serve, args=(tid,), daemon=True,
                                           name=f"{name}-{tid}")
                          for tid in range(1, threads)]
@@ -1141,13 +1240,7 @@ class WorkerPool:
             thread.start()
 
     def _serve(self, tid: int) -> None:
-        seen, loop = 0, self._fns["loop"]
-        while True:
-            seen = loop(self._address, tid, self._spin, seen)
-            if seen < 0:
-                return
-            self._wake[tid].wait()
-            self._wake[tid].clear()
+        self._fns["loop"](self._address, tid, self._spin, 0)  # returns when told to exit
 
     def run(self, kind: int, function, address: int, args: Sequence[int], threads: int):
         """Run ``function(*args, [workspace,] tid, threads)`` for tid < threads (tid 0 here);
@@ -1168,16 +1261,19 @@ class WorkerPool:
         self._publish()
 
     def finish(self) -> None:
-        """Wait until every worker has finished the job ``start`` published."""
-        wait, done = self._fns["wait"], self._address + 8 * JOB_DONE
-        while wait(done, self.threads - 1, self._spin) < self.threads - 1:
-            time.sleep(5e-5)
+        """Wait (in native code: spin, then sleep) until every worker has finished the job
+        ``start`` published."""
+        self._fns["wait"](self._address, self.threads - 1, self._spin)
+
+    def close_job(self) -> None:
+        """End the job ``start`` published without waiting for workers that have not joined
+        it yet (they will skip it); wait for those inside it. For jobs whose work the
+        participants share out themselves (a graph entry), not for per-thread-id jobs."""
+        self._fns["close"](self._address, self._generation, self._spin)
 
     def _publish(self) -> None:
         self._generation += 1
-        self._fns["publish"](self._address + 8 * JOB_GENERATION, self._generation)
-        for event in self._wake[1:]:
-            event.set()
+        self._fns["publish"](self._address, self._generation)
 
     def close(self) -> None:
         if self._threads:

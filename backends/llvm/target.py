@@ -40,6 +40,7 @@ serialised by a lock so that threads may compile concurrently.
 from __future__ import annotations
 
 import ctypes
+import platform
 import re
 import threading
 from collections.abc import Callable
@@ -314,3 +315,47 @@ def host_target() -> HostTarget:
         if _HOST is None:
             _HOST = HostTarget()
         return _HOST
+
+
+# -- process functions that generated code calls ---------------------------------------------------
+# The runtime's waits (backends/llvm/runtime.py barrier, gemm.py worker pool) spin briefly and
+# then sleep in the kernel on a futex, so that a waiting thread gives its core to the thread it
+# waits for when other processes crowd the cores. Generated code reaches libc through symbols
+# registered with LLVM here (an object loaded from the code cache resolves them the same way).
+SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine(), 202)
+FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 128, 129
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+LIBC_FUNCTIONS = {"sched_yield": ir.FunctionType(_I32, []),
+                  "syscall": ir.FunctionType(_I64, [_I64], var_arg=True)}
+
+
+def libc_function(module: ir.Module, name: str) -> ir.Function:
+    """libc's ``name`` (a key of ``LIBC_FUNCTIONS``) declared in ``module``."""
+    existing = module.globals.get(name)
+    return existing or ir.Function(module, LIBC_FUNCTIONS[name], name)
+
+
+def emit_futex_wait(b: ir.IRBuilder, word, expected) -> None:
+    """Sleep while the i32 at ``word`` equals ``expected`` (the kernel checks atomically, so a
+    wake between the caller's last check and this call is not lost). May return spuriously:
+    callers re-check their condition in a loop."""
+    syscall = libc_function(b.module, "syscall")
+    null = ir.Constant(ir.IntType(8).as_pointer(), None)
+    # every variadic argument a full register: syscall() reads them as longs
+    b.call(syscall, [_I64(SYS_FUTEX), word, _I64(FUTEX_WAIT_PRIVATE), b.zext(expected, _I64),
+                     null])
+
+
+def emit_futex_wake_all(b: ir.IRBuilder, word) -> None:
+    """Wake every thread sleeping in ``emit_futex_wait`` on ``word``."""
+    syscall = libc_function(b.module, "syscall")
+    b.call(syscall, [_I64(SYS_FUTEX), word, _I64(FUTEX_WAKE_PRIVATE), _I64(2**31 - 1)])
+
+
+def _register_libc_functions() -> None:
+    libc = ctypes.CDLL(None)
+    for name in LIBC_FUNCTIONS:
+        llvm.add_symbol(name, ctypes.cast(getattr(libc, name), ctypes.c_void_p).value)
+
+
+_register_libc_functions()
