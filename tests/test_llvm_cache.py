@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -446,3 +447,29 @@ def test_cli_cache_info_and_clear(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GRAPHC_CACHE_MAX", "lots")
     assert main(["cache", "info"]) == 2
     assert "GRAPHC_CACHE_MAX" in capsys.readouterr().err
+
+
+def test_graph_with_inputs_added_between_ops_hits_the_graph_cache(tmp_path, monkeypatch):
+    """nodes() keeps insertion order, Input nodes included: a graph whose second input comes
+    after its first op (as training programs add the target) must rebuild to the same text."""
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(0)
+
+    def build():
+        g = graphc.Graph("late_input")
+        x = g.input("x", (None, 6))
+        h = ops.relu(ops.gemm(x, rng.standard_normal((6, 4)).astype(np.float32)))
+        t = g.input("t", (None, 4))                       # added after an op
+        g.output(ops.reduce_mean(h * t, keepdims=0))
+        return g
+
+    graph = build()
+    feeds = {"x": rng.standard_normal((3, 6), np.float32),
+             "t": rng.standard_normal((3, 4), np.float32)}
+    first = _compile(graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        again = _compile(graph)
+    assert "graph cache: hit" in again.timing_report()
+    assert list(again.graph.inputs) == ["x", "t"]
+    np.testing.assert_array_equal(again.run(feeds)[0], first.run(feeds)[0])

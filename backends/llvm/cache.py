@@ -76,7 +76,7 @@ import numpy as np
 from graphc.errors import GraphcError
 from graphc.ir import INPUT, Graph
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 ENV_DIR = "GRAPHC_CACHE_DIR"
 ENV_SWITCH = "GRAPHC_CACHE"
 OFF_VALUES = ("0", "off", "false", "no")
@@ -483,19 +483,24 @@ def _format_bytes(n: int) -> str:
 
 
 def _graph_payload(graph: Graph) -> dict:
-    nodes = [(n.op, n.inputs, dict(n.attrs), n.outputs, n.name, n.types)
-             for n in graph.nodes() if n.op != INPUT]
-    return {"name": graph.name, "inputs": [(v, graph.type_of(v)) for v in graph.inputs],
-            "nodes": nodes, "outputs": list(graph.outputs)}
+    nodes = [(n.op, n.inputs, dict(n.attrs), n.outputs, n.name, n.types) for n in graph.nodes()]
+    return {"name": graph.name, "inputs": list(graph.inputs), "nodes": nodes,
+            "outputs": list(graph.outputs)}
 
 
 def _graph_from_payload(payload: dict) -> Graph:
-    """Rebuild in ``nodes()`` order, which reproduces that order (and so the printed text)."""
+    """Rebuild in ``nodes()`` order -- Input nodes included, where they were: ``nodes()`` keeps
+    insertion order, so adding every input first would print (and fingerprint) differently --
+    then restore the order of the graph's input list."""
     graph = Graph(payload["name"])
-    for name, type_ in payload["inputs"]:
-        graph.add_input(name, type_)
     for op, inputs, attrs, outputs, name, types in payload["nodes"]:
-        graph.add_node(op, inputs, attrs, outputs=outputs, name=name, types=types)
+        if op == INPUT:
+            graph.add_input(name, types[0])
+        else:
+            graph.add_node(op, inputs, attrs, outputs=outputs, name=name, types=types)
+    if sorted(graph.inputs) != sorted(payload["inputs"]):
+        raise ValueError("the stored inputs do not match the stored Input nodes")
+    graph.inputs[:] = payload["inputs"]
     graph.set_outputs(payload["outputs"])
     return graph
 
