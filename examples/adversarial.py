@@ -29,6 +29,7 @@ import os
 import sys
 
 import numpy as np
+from example_support import pyplot, save_figure
 
 import graphc
 from graphc import nn, ops
@@ -103,11 +104,8 @@ def load_or_train(path: str | None, quick: bool, target: str) -> nn.Sequential:
 
 
 def save_plot(image, adversarial, label, predicted, epsilon, path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:  # matplotlib is an optional extra
         return None
     perturbation = adversarial - image
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
@@ -118,10 +116,7 @@ def save_plot(image, adversarial, label, predicted, epsilon, path: str) -> str |
         ax.imshow(picture[0], cmap=cmap, vmin=low, vmax=high)
         ax.set_title(title)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

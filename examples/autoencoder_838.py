@@ -26,6 +26,7 @@ import os
 import sys
 
 import numpy as np
+from example_support import pyplot, save_figure
 
 from graphc import nn, optim
 
@@ -60,11 +61,8 @@ def print_table(hidden: np.ndarray, outputs: np.ndarray) -> None:
 
 
 def save_plot(hidden: np.ndarray, outputs: np.ndarray, path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:  # matplotlib is an optional extra
         return None
     fig, (ax_h, ax_o) = plt.subplots(1, 2, figsize=(9, 4.2),
                                      gridspec_kw={"width_ratios": [3, 8]})
@@ -78,10 +76,7 @@ def save_plot(hidden: np.ndarray, outputs: np.ndarray, path: str) -> str | None:
         ax.set_ylabel("one-hot input")
         ax.set_yticks(range(8))
         ax.set_xticks(range(values.shape[1]))
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -34,6 +34,7 @@ import os
 import sys
 
 import numpy as np
+from example_support import pyplot, save_figure
 
 import graphc
 from graphc import nn, optim
@@ -87,11 +88,8 @@ def winograd_nodes(graph: graphc.Graph) -> list[str]:
 
 
 def save_plot(model, X_test, y_test, predicted, path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:  # matplotlib is an optional extra
         return None
     filters = model.layers[0].params["weight"][:, 0]  # (8, 3, 3)
     wrong = np.flatnonzero(predicted != y_test)[:8]
@@ -105,10 +103,7 @@ def save_plot(model, X_test, y_test, predicted, path: str) -> str | None:
     for ax in axes.ravel():
         ax.axis("off")
     fig.suptitle("first-layer filters; misclassified test digits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

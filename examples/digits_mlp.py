@@ -25,6 +25,7 @@ import os
 import sys
 
 import numpy as np
+from example_support import pyplot, save_figure
 
 import graphc
 from graphc import nn, optim
@@ -71,19 +72,9 @@ def cross_validate(X, y, epochs: int, target: str):
                         **fit_options(target))
 
 
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def plot_learning_curves(history, path: str) -> str | None:
-    plt = _pyplot()
-    if plt is None:
+    plt = pyplot()
+    if plt is None:  # matplotlib is an optional extra
         return None
     epochs = np.arange(1, history.epochs_run + 1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -97,15 +88,12 @@ def plot_learning_curves(history, path: str) -> str | None:
         ax.legend()
     axes[0].set_yscale("log")
     fig.suptitle("digits MLP 64-32-10: learning curves")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_hidden_weights(model: nn.Sequential, path: str) -> str | None:
-    plt = _pyplot()
-    if plt is None:
+    plt = pyplot()
+    if plt is None:  # matplotlib is an optional extra
         return None
     weights = model.layers[0].params["weight"]  # (64 inputs, HIDDEN units)
     columns = 8
@@ -118,10 +106,7 @@ def plot_hidden_weights(model: nn.Sequential, path: str) -> str | None:
             ax.imshow(weights[:, unit].reshape(8, 8), cmap="RdBu_r", vmin=-limit, vmax=limit)
             ax.set_title(f"unit {unit}", fontsize=7)
     fig.suptitle("input-to-hidden weights as 8x8 images (red +, blue -)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

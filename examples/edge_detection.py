@@ -28,6 +28,7 @@ import os
 import sys
 
 import numpy as np
+from example_support import pyplot, save_figure
 
 import graphc
 from graphc import ops
@@ -129,11 +130,8 @@ def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def save_pictures(image, results, direction, path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:  # matplotlib is an optional extra
         return None
     panels = [("photograph", image, "gray"), ("Sobel Gx", results["sobel_x"], "gray"),
               ("Sobel Gy", results["sobel_y"], "gray"), ("Sobel magnitude", results["sobel"],
@@ -147,10 +145,7 @@ def save_pictures(image, results, direction, path: str) -> str | None:
         ax.imshow(picture, cmap=cmap)
         ax.set_title(title)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

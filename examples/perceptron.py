@@ -26,6 +26,7 @@ import os
 import sys
 
 import numpy as np
+from example_support import pyplot, save_figure
 
 from graphc import nn, optim
 
@@ -65,11 +66,8 @@ def best_random_line_accuracy(targets: np.ndarray, lines: int = 100_000, seed: i
 
 
 def save_plot(results: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:  # matplotlib is an optional extra
         return None
     grid = np.linspace(-0.5, 1.5, 201)
     x1, x2 = np.meshgrid(grid, grid)
@@ -90,10 +88,7 @@ def save_plot(results: dict, path: str) -> str | None:
         ax.set_ylabel("x2")
         ax.set_aspect("equal")
         ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -24,6 +24,7 @@ import sys
 import time
 
 import numpy as np
+from example_support import pyplot, save_figure
 
 import graphc
 from graphc import ops
@@ -94,11 +95,8 @@ def print_table(rows: list) -> None:
 
 
 def plot(rows: list, path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:  # matplotlib is an optional extra
         return None
     batches = sorted({key[3] for key, _ in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
@@ -113,10 +111,7 @@ def plot(rows: list, path: str) -> str | None:
         ax.set_ylabel("effective GFLOPS (direct-conv FLOPs / time)")
         ax.set_title(f"VGG-16 3x3 layers, batch {batch}")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> list:

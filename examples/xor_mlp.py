@@ -25,6 +25,7 @@ import os
 import sys
 
 import numpy as np
+from example_support import pyplot, save_figure
 
 from graphc import nn, optim
 
@@ -65,11 +66,8 @@ def first_perfect_epoch(history) -> int | None:
 
 
 def save_plot(model, history, target: str, path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:  # matplotlib is an optional extra
         return None
     grid = np.linspace(-0.5, 1.5, 121, dtype=np.float32)
     x1, x2 = np.meshgrid(grid, grid)
@@ -97,10 +95,7 @@ def save_plot(model, history, target: str, path: str) -> str | None:
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss 1/2 (t - o)^2")
     ax_loss.set_title("training loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
