@@ -15,6 +15,7 @@ Meant for ``benchmarks/gpu_check.sh`` on a lent GPU machine; it needs numba-cuda
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -23,64 +24,17 @@ import numpy as np
 
 import graphc
 from backends.cuda import compile_graph
-from graphc import ops
 from graphc.flops import flops_by_node
+from graphc.torch_eager import to_torch
 
-BLOCKS = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]
-
-
-def he(rng, *shape):
-    return (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
-
-
-def vgg16(batch: int) -> graphc.Graph:
-    rng = np.random.default_rng(0)
-    g = graphc.Graph("vgg16")
-    h = g.input("x", (batch, 3, 224, 224))
-    c = 3
-    for k, n in BLOCKS:
-        for _ in range(n):
-            h = ops.relu(ops.conv(h, he(rng, k, c, 3, 3), np.zeros(k, np.float32),
-                                  pads=[1, 1, 1, 1]))
-            c = k
-        h = ops.max_pool(h, kernel_shape=[2, 2], strides=[2, 2])
-    h = ops.flatten(h, axis=1)
-    for units in (4096, 4096):
-        h = ops.relu(ops.gemm(h, he(rng, units, h.shape[1]), np.zeros(units, np.float32),
-                              transB=1))
-    g.output(ops.gemm(h, he(rng, 1000, 4096), np.zeros(1000, np.float32), transB=1))
-    return g
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import vgg16  # the same network as the CPU comparison
 
 
 def torch_forward(graph: graphc.Graph, torch):
-    """A PyTorch function computing ``graph`` (Conv, Relu, MaxPool, Flatten, Gemm with
-    transB=1: the ops of ``vgg16``) with the graph's weights on the GPU."""
-    import torch.nn.functional as F
-
-    steps = []
-    for node in graph.nodes():
-        const = [graph.constant_value(v) for v in node.inputs]
-        tensors = [torch.from_numpy(np.ascontiguousarray(c)).cuda() if c is not None else None
-                   for c in const]
-        if node.op == "Conv":
-            steps.append(lambda h, w=tensors[1], b=tensors[2]: F.conv2d(h, w, b, padding=1))
-        elif node.op == "Relu":
-            steps.append(F.relu)
-        elif node.op == "MaxPool":
-            steps.append(lambda h: F.max_pool2d(h, 2, 2))
-        elif node.op == "Flatten":
-            steps.append(lambda h: torch.flatten(h, 1))
-        elif node.op == "Gemm":
-            steps.append(lambda h, w=tensors[1], b=tensors[2]: F.linear(h, w, b))
-        elif node.op not in ("Input", "Constant"):
-            raise SystemExit(f"torch_forward: no PyTorch step for {node.op}")
-
-    def forward(x):
-        for step in steps:
-            x = step(x)
-        return x
-
-    return forward
+    """PyTorch eager on the GPU computing ``graph`` with its weights (graphc/torch_eager.py)."""
+    function = to_torch(graph, device="cuda")
+    return lambda x: function.run_tensors({"x": x})[0]
 
 
 def median_ms(fn, sync, rounds: int) -> float:

@@ -102,9 +102,10 @@ class TorchFunction:
         return [t.numpy() for t in self.run_tensors(tensors)]
 
 
-def to_torch(graph: Graph) -> TorchFunction:
+def to_torch(graph: Graph, device: str | None = None) -> TorchFunction:
     """Translate ``graph`` node by node; raises ``TorchTranslationError`` for an op with no
-    PyTorch form, naming the op and node."""
+    PyTorch form, naming the op and node. ``device`` (e.g. "cuda") places the graph's constants
+    there; ``run_tensors`` then takes input tensors on that device."""
     torch = torch_module()
     constants, steps = {}, []
     for node in graph.nodes():
@@ -112,6 +113,8 @@ def to_torch(graph: Graph) -> TorchFunction:
             continue
         if node.op in CONSTANT_OPS:
             constants[node.output] = torch.from_numpy(np.array(node.attrs["value"]))
+            if device is not None:
+                constants[node.output] = constants[node.output].to(device)
             continue
         translator = _TRANSLATORS.get(node.op)
         if translator is None:
