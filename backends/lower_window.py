@@ -84,6 +84,7 @@ from .lower import (
 I64 = "i64"
 UNROLL_TAPS = 64          # taps unrolled into the body of the innermost output loop
 UNROLL_BUDGET = 4096      # unrolled tap bodies a kernel may hold before borders get coarse
+IM2COL_UNROLL_RUNS = 160  # Im2Col column loops emitted before the leading taps become loops
 WINOGRAD_FILTER = 3       # the Winograd ops take 3x3 filters
 
 
@@ -566,47 +567,81 @@ def _power(b: Block, scale, beta: float):
 @lowering("Im2Col")
 def lower_im2col(ctx: LowerContext) -> BoundKernel:
     """COLS viewed [N*C, *kernel, *out] (rows are (channel, tap) pairs, so the groups need no
-    index work). One parallel loop per tap of the last kernel axis over rows (plane, other
-    taps, other output positions); the columns of a row split where that tap enters and leaves
-    the input: zeros outside, a contiguous (or strided) copy inside, guarded per row for the
-    other axes."""
+    index work). The loops run over output *positions* as pooling's do: parallel over
+    (plane, position along the first spatial axis), one loop per segment of that axis, then
+    nested segment loops over the other leading axes; inside, every tap writes its row of
+    output columns. Within a segment each tap's guard on the leading axes folds to a
+    constant, and the columns of a row split where the tap of the last axis enters and leaves
+    the input, so an interior row is a plain vectorised copy (a memcpy at unit stride) and a
+    border is a run of zeros: no select or clamp remains unless the window is too large to
+    unroll (``_im2col_plan``; border rows then select). A thread's share is a contiguous
+    range of output rows; one task (plane, row) reads a few neighbouring input rows and writes
+    one row of every tap. Against the former lowering (one parallel loop per tap over
+    (channel, tap) rows, guarding the leading axes per element): 3.4x faster in the digits CNN
+    training step (batch 64, 8x8 images, 2 threads), 1.0-1.8x on VGG-16 layers (1 thread),
+    where it runs at or below the time of a numpy copy of its output."""
     x, out_t = ctx.in_types[0], ctx.out_types[0]
     spatial = x.shape[2:]
     _check_spatial(ctx, spatial)
     axes = window_axes(im2col_window(ctx.opcall()), spatial)
     kernel, out = [a.kernel for a in axes], [a.out for a in axes]
-    planes, n = x.shape[0] * x.shape[1], len(axes)
+    planes = x.shape[0] * x.shape[1]
     kb = KernelBuilder(ctx)
     src = kb.input(ctx.node.inputs[0], x.dtype, (planes, *spatial))
     dst = kb.output(ctx.node.outputs[0], out_t.dtype, (planes, *kernel, *out))
     zero = Const(0.0, x.dtype)
-    last = axes[-1]
-    row_shape = (planes, *kernel[:-1], *out[:-1])
-    nests = []
-    for tap in range(last.kernel):
-        lo, hi = last.inside(tap)
-        runs = [(s, e - s, live) for s, e, live in ((0, lo, False), (lo, hi, True),
-                                                    (hi, last.out, False)) if e > s]
+    lead, last = axes[:-1], axes[-1]
+    column_runs = [_column_runs(last, tap) for tap in range(last.kernel)]
+    # a strided copy vectorises into shuffles, which cost LLVM more time per loop
+    looped, segs = _im2col_plan(lead, sum(len(r) for r in column_runs) * last.stride)
 
-        def row(b: Block, r, tap=tap, runs=runs) -> None:
-            lead = [b.index(i) for i in k.unflatten(r, row_shape)]
-            plane, taps, outs = lead[0], lead[1:n], lead[n:]
-            coords = [a.coord(o, t) for a, o, t in zip(axes, outs, taps)]
+    def row(b: Block, at: Position, taps: list) -> None:
+        coords = [a.coord(o, t) for a, o, t in zip(lead, at.pos, taps)]
+        for tap, runs in enumerate(column_runs):
             for start, length, live in runs:
-                def column(blk: Block, v, start=start, live=live) -> None:
+                def column(blk: Block, v, start=start, live=live, tap=tap) -> None:
                     o = blk.index(k.add(_i(start), v))
-                    value = window_load(blk, src, x.dtype, (plane,),
+                    value = window_load(blk, src, x.dtype, (at.plane,),
                                         coords + [last.coord(o, _i(tap))], spatial,
                                         zero) if live else None
-                    blk.emit(k.Store(dst, (plane, *taps, _i(tap), *outs, o),
+                    blk.emit(k.Store(dst, (at.plane, *taps, _i(tap), *at.pos, o),
                                      zero if value is None else value))
 
                 b.loop(length, column, vectorize=True)
 
-        top = Block(kb)
-        top.loop(math.prod(row_shape), row, parallel=True)
-        nests += top.stmts
-    return kb.build(nests)
+    def fill(b: Block, at: Position, taps: tuple = ()) -> None:
+        axis = len(taps)
+        if axis == len(lead):
+            row(b, at, list(taps))
+        elif axis < looped:
+            b.loop(kernel[axis], lambda blk, t: fill(blk, at, (*taps, t)))
+        else:
+            for t in range(kernel[axis]):
+                fill(b, at, (*taps, _i(t)))
+
+    return kb.build(position_nests(kb, planes, segs, fill, vector_last=False,
+                                   parallel_axes=min(1, len(lead))))
+
+
+def _im2col_plan(lead: Sequence[Axis], runs: int) -> tuple[int, list]:
+    """(kernel axes looped, segments of the leading axes). The leading taps unroll over fine
+    segments while that emits at most ``IM2COL_UNROLL_RUNS`` column loops (``runs`` per row,
+    weighted; a 3x3 window with pad 1 has 45); larger windows loop over their leading taps
+    on coarse segments, where the interior rows still fold every guard and only the border
+    rows select. Unrolling an 11x11 window over its fine segments took 7.5 s of LLVM time."""
+    fine = [a.fine_segments() for a in lead]
+    taps = math.prod(a.kernel for a in lead)
+    if math.prod(len(f) for f in fine) * taps * runs <= IM2COL_UNROLL_RUNS:
+        return 0, fine
+    return len(lead), [a.coarse_segments() for a in lead]
+
+
+def _column_runs(axis: Axis, tap: int) -> list[tuple[int, int, bool]]:
+    """(start, length, live) runs of output columns for ``tap``: zeros where it lies off the
+    input, a copy where on."""
+    lo, hi = axis.inside(tap)
+    return [(s, e - s, live) for s, e, live in ((0, lo, False), (lo, hi, True),
+                                                 (hi, axis.out, False)) if e > s]
 
 
 # -- Winograd -------------------------------------------------------------------------------------

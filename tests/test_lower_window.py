@@ -254,6 +254,60 @@ def test_im2col():
     check(cases, exact)
 
 
+# geometries of the row-wise lowering: odd sizes, asymmetric pads, strides, dilations, groups,
+# batch 1 and 3, windows larger than the input, and windows too large to unroll (looped taps)
+IM2COL_ROWS = [
+    ((3, 2, 7, 9), {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+    ((1, 3, 8, 8), {"kernel_shape": [3, 3], "pads": [2, 0, 1, 3], "strides": [2, 3]}),
+    ((3, 4, 11, 6), {"kernel_shape": [2, 3], "dilations": [3, 2], "pads": [1, 2, 0, 1],
+                     "group": 4}),
+    ((1, 6, 5, 13), {"kernel_shape": [5, 5], "pads": [2, 2, 2, 2], "group": 2}),
+    ((3, 1, 3, 4), {"kernel_shape": [5, 6], "pads": [3, 3, 2, 4]}),
+    ((1, 2, 9, 9), {"kernel_shape": [11, 11], "pads": [5, 5, 5, 5]}),
+    ((1, 1, 23, 21), {"kernel_shape": [11, 11], "strides": [4, 4]}),
+    ((3, 2, 5, 4, 7), {"kernel_shape": [3, 2, 3], "pads": [1, 0, 1, 1, 1, 1],
+                       "strides": [1, 2, 1], "dilations": [2, 1, 1]}),
+    ((1, 3, 4, 4, 5), {"kernel_shape": [5, 5, 5], "pads": [2, 2, 2, 2, 2, 2]}),
+    ((3, 2, 1), {"kernel_shape": [3], "pads": [1, 1]}),
+    ((1, 3, 31), {"kernel_shape": [7], "strides": [3], "dilations": [2], "pads": [4, 5]}),
+]
+
+
+@pytest.mark.parametrize("shape, attrs", IM2COL_ROWS)
+def test_im2col_geometries(shape, attrs):
+    check([("Im2Col", [data(*shape)], attrs)], exact)
+
+
+def _parallel_loops(kernel) -> list:
+    return [s for s in kernel.body if s.parallel]
+
+
+def test_im2col_splits_threads_by_output_rows_and_folds_guards():
+    """A 3x3 window with pad 1 is parallel over (plane, output row), one loop per segment of
+    the rows, and every border guard folds: no select or clamp is left."""
+    case = Case("Im2Col", [data(3, 4, 10, 12)], IM2COL[0][1])
+    kernel = case.bound[0].kernel
+    assert sum(loop.extent for loop in _parallel_loops(kernel)) == 3 * 4 * 10
+    assert len(kernel.body) == 3  # top border row, interior rows, bottom border row
+    assert "select(" not in str(kernel) and "max(" not in str(kernel)
+
+
+def test_im2col_large_window_loops_its_leading_taps():
+    """An 11x11 window loops over its leading taps (bounded code) and selects only on the
+    border rows: the interior rows' segment is select-free."""
+    case = Case("Im2Col", [data(1, 2, 30, 30)], {"kernel_shape": [11, 11],
+                                                 "pads": [5, 5, 5, 5]})
+    loops = _parallel_loops(case.bound[0].kernel)
+    assert len(loops) == 3
+    assert "select(" in lower_window.k.format_kernel(
+        lower_window.k.Kernel("top", (), (loops[0],)))
+    assert "select(" not in lower_window.k.format_kernel(
+        lower_window.k.Kernel("interior", (), (loops[1],)))
+    # 3 segments x (a loop over the leading tap + at most 3 column runs per tap of the last
+    # axis); unrolled over the fine segments it would be 11 x 11 x 21 loops
+    assert str(case.bound[0].kernel).count("for ") <= 3 * (2 + 3 * 11)
+
+
 # -- Winograd -------------------------------------------------------------------------------------
 def _tiles(out_h: int, out_w: int, m: int) -> list[int]:
     return [math.ceil(out_h / m), math.ceil(out_w / m)]
