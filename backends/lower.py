@@ -66,18 +66,6 @@ FLOATS = ("f32", "f64")
 
 
 @dataclass(frozen=True)
-class BoundKernel:
-    """A kernel and the graph value bound to each parameter (in ``kernel.params`` order)."""
-
-    kernel: Kernel
-    values: tuple
-
-    def __str__(self) -> str:
-        binding = ", ".join(f"{p.name}=%{v}" for p, v in zip(self.kernel.params, self.values))
-        return f"{self.kernel}\n// bound: {binding}"
-
-
-@dataclass(frozen=True)
 class RunCheck:
     """An error a kernel records at run time instead of reading out of bounds: the kernel writes
     ``[count, first]`` into the i64 array ``slot`` (a compile-time array of the lowering) on every
@@ -90,6 +78,24 @@ class RunCheck:
     def raise_if_recorded(self, recorded: np.ndarray) -> None:
         if recorded[0]:
             raise FeedError(self.message.format(count=int(recorded[0]), first=int(recorded[1])))
+
+
+@dataclass(frozen=True)
+class BoundKernel:
+    """A kernel and the graph value bound to each parameter (in ``kernel.params`` order).
+
+    ``scratch``: arrays made at lowering time that some parameters are bound to by name instead
+    of a graph value (e.g. an error slot); the compiled model keeps one copy per specialisation.
+    ``run_check``: an error the kernel may record in one of them during a run."""
+
+    kernel: Kernel
+    values: tuple
+    scratch: Mapping = field(default_factory=dict)
+    run_check: RunCheck | None = None
+
+    def __str__(self) -> str:
+        binding = ", ".join(f"{p.name}=%{v}" for p, v in zip(self.kernel.params, self.values))
+        return f"{self.kernel}\n// bound: {binding}"
 
 
 @dataclass(frozen=True)
@@ -1140,13 +1146,13 @@ def lower_gather(ctx: LowerContext) -> BoundKernel:
     return kb.build([body])
 
 
-def _gather_runtime(ctx: LowerContext, axis: int) -> BoundFunction:
+def _gather_runtime(ctx: LowerContext, axis: int) -> BoundKernel:
     """Run-time indices: out[a, j, b] = data[a, wrap(idx[j]), b] where a negative index counts
     from the end. The index is data, so it enters the address through ``IndexOf``, clamped into
     the axis: a bad index can never read outside ``data``. A second, serial top-level loop
-    scans the indices and writes ``[count, first bad index]`` to an error slot, an array the
-    compiled model keeps (a ``BoundFunction`` constant); its ``RunCheck`` turns a non-zero
-    count into a ``FeedError`` naming this node after the run."""
+    scans the indices and writes ``[count, first bad index]`` to an error slot, a scratch array
+    the compiled model keeps; its ``RunCheck`` turns a non-zero count into a ``FeedError``
+    naming this node after the run."""
     data, idx_t, out_t = ctx.in_types[0], ctx.in_types[1], ctx.out_types[0]
     if idx_t.dtype not in ("i32", "i64"):
         raise ctx.error(f"indices must be i32 or i64, got {idx_t.dtype}")
@@ -1172,19 +1178,11 @@ def _gather_runtime(ctx: LowerContext, axis: int) -> BoundFunction:
 
     body = [nest(kb, shape, fill)] if math.prod(shape) else []
     body.append(_index_check(kb, indices, idx_t.dtype, count, dim, slot))
-    bound = kb.build(body)
     errors = np.zeros(2, np.int64)
-
-    def emit(module, symbol: str):
-        from .llvm.codegen import emit_kernel
-
-        return emit_kernel(module, bound.kernel, symbol)
-
     check = RunCheck(slot_value, f"Gather node '{ctx.node.name}': {{count}} indices out of "
                      f"range [{-dim}, {dim - 1}] for axis {axis} of data {data}, the first is "
                      "{first}")
-    return BoundFunction(bound.kernel.name, emit, bound.values, {slot_value: errors},
-                         text=str(bound.kernel), run_check=check)
+    return dataclasses.replace(kb.build(body), scratch={slot_value: errors}, run_check=check)
 
 
 def _index_check(kb: KernelBuilder, indices: str, dtype: str, count: int, dim: int,

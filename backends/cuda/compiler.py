@@ -69,6 +69,8 @@ class Step:
     block: tuple
     values: tuple
     plan_text: str = field(default="", repr=False)  # kernel IR or the GEMM description
+    scratch: dict = field(default_factory=dict, repr=False)  # lowering-time arrays (error slots)
+    run_check: object = None                                   # backends.lower.RunCheck
 
 
 @dataclass
@@ -81,6 +83,12 @@ class CudaSpecialisation:
     arena: object = field(repr=False)
     static: dict = field(default_factory=dict, repr=False)   # value -> device array
     external: dict = field(default_factory=dict)              # value -> input/output buffer
+    checks: list = field(default_factory=list)                # RunCheck of the kernels
+
+    def raise_recorded_errors(self) -> None:
+        """After a run: raise what a kernel recorded (e.g. a Gather index out of range)."""
+        for check in self.checks:
+            check.raise_if_recorded(self.static[check.slot].copy_to_host())
 
     def source(self) -> str:
         return "\n\n".join([PRELUDE] + [s.source for s in self.steps])
@@ -129,6 +137,11 @@ class CudaModel:
             steps += self._lower(node, dims)
         arena = self.cuda.device_array(max(plan.arena_bytes, 1), np.uint8)
         spec = CudaSpecialisation(dims, plan, steps, arena)
+        for step in steps:  # scratch arrays of the kernels (error slots): one device copy each
+            spec.static.update({name: self.cuda.to_device(array)
+                                for name, array in step.scratch.items()})
+            if step.run_check is not None:
+                spec.checks.append(step.run_check)
         for step in steps:
             for value in step.values:
                 self._bind(spec, value)
@@ -151,7 +164,8 @@ class CudaModel:
             ck = kernel_source(bound.kernel)
             grid, block = launch_shape(ck.extent, self.launch)
             steps.append(Step(node.name, compile_source(self.cuda, ck.source), ck.source,
-                              (grid,), (block,), bound.values, str(bound)))
+                              (grid,), (block,), bound.values, str(bound), bound.scratch,
+                              bound.run_check))
         return steps
 
     def _bind(self, spec: CudaSpecialisation, value: str) -> None:
@@ -207,6 +221,7 @@ class CudaModel:
                 args = [spec.static[v] if v in spec.static else flat(buffers[spec.external[v]])
                         for v in step.values]
                 step.kernel[step.grid, step.block](*args)
+            spec.raise_recorded_errors()
             outputs = [self._output(spec, v, buffers) for v in self.graph.outputs]
         if device_outputs:
             return outputs

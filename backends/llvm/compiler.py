@@ -170,11 +170,12 @@ def generate_code(graph: Graph, plan: MemoryPlan, dims: Mapping[str, int],
             if isinstance(bound, BoundFunction):
                 fn = bound.emit(module, f"{prefix}_{len(kernels)}_{bound.name}")
                 arrays.update(bound.constants)
-                if bound.run_check is not None:
-                    checks.append(bound.run_check)
             else:
                 fn = emit_kernel(module, bound.kernel, f"{prefix}_{len(kernels)}_"
                                                        f"{bound.kernel.name}")
+                arrays.update(bound.scratch)
+            if bound.run_check is not None:
+                checks.append(bound.run_check)
             calls.append(KernelCall(fn, tuple(slot(v) for v in bound.values)))
             kernels.append(bound)
     entry = build_entry(module, calls, name=f"{prefix}_entry")

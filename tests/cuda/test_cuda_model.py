@@ -168,3 +168,19 @@ def test_cli_emits_cuda_source(tmp_path, capsys):
     graphc.export_onnx(_lenet(), path)
     assert main(["compile", str(path), "--target", "cuda", "--emit", "cuda"]) == 0
     assert "@cuda.jit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("idx_dtype", [np.int32, np.int64])
+def test_gather_with_run_time_indices_and_the_out_of_range_error(idx_dtype):
+    g = graphc.Graph("lookup")
+    data = g.input("data", (6, 4))
+    idx = g.input("idx", (2, 3), dtype="i32" if idx_dtype == np.int32 else "i64")
+    g.output(ops.gather(data, idx, axis=0, name="lookup"))
+    model = compile_graph(g)
+    rng = np.random.default_rng(5)
+    feeds = {"data": rng.standard_normal((6, 4)).astype(np.float32),
+             "idx": rng.integers(-6, 6, (2, 3)).astype(idx_dtype)}
+    np.testing.assert_array_equal(model.run(feeds)[0], graphc.interpret(g, feeds)[0])
+    feeds["idx"] = np.array([[0, 7, 1], [-7, 2, 3]], idx_dtype)
+    with pytest.raises(FeedError, match=r"Gather node 'lookup': 2 indices .* first is 7"):
+        model.run(feeds)
