@@ -830,8 +830,7 @@ def _dropout_training(ctx: LowerContext, ratio) -> BoundKernel:
     kernel then computes ``(mask * x * (1 / (1 - ratio))).astype(x.dtype)`` in the dtypes
     numpy promotes to, and stores the mask output."""
     if ratio is None:
-        raise ctx.error("training-mode Dropout needs a constant ratio to be lowered (its mask "
-                        "is precomputed from the seed)")
+        return _dropout_run_time_ratio(ctx)
     x, out_t = ctx.in_types[0], ctx.out_types[0]
     call = registry.OpCall(ctx.node.op, ctx.node.name, ctx.attrs, tuple(ctx.in_types),
                            tuple(ctx.in_values), 2)
@@ -862,6 +861,58 @@ def _dropout_training(ctx: LowerContext, ratio) -> BoundKernel:
             b.emit(k.Store(mask_out, tuple(idx), keep))
 
     return kb.build([nest(kb, (n,), fill)])
+
+
+def _dropout_run_time_ratio(ctx: LowerContext) -> BoundKernel:
+    """Training mode, the ratio a run-time input. The reference keeps element i when
+    ``u[i] >= ratio`` for ``u = RandomState(seed).uniform(0, 1, shape)`` (float64): with a static
+    shape and a fixed seed, u is a compile-time array (drawn here by the same generator), a
+    scratch input of the kernel; the comparison, ``1 / (1 - ratio)`` (in the ratio's dtype, as
+    numpy computes it) and the scaling happen at run time. A ratio of 0 keeps everything
+    unscaled, as the reference does."""
+    x, ratio_t, out_t = ctx.in_types[0], ctx.in_types[1], ctx.out_types[0]
+    if ratio_t.dtype not in ("f16", "f32", "f64"):
+        raise ctx.error(f"ratio must be a float scalar, got {ratio_t}")
+    seed = ctx.attrs.get("seed")
+    draws = np.random.RandomState((0 if seed is None else seed) % 2 ** 32).uniform(
+        0.0, 1.0, x.shape).ravel()
+    wide = np.result_type(k.numpy_dtype(x.dtype), k.numpy_dtype(ratio_t.dtype))
+    wide = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}.get(wide, "f64")
+    compute = "f32" if wide == "f16" else wide
+    n = x.numel
+    kb = KernelBuilder(ctx)
+    draws_name = f"{ctx.node.name}:dropout_draws"
+    src = kb.input(ctx.node.inputs[0], x.dtype, (n,))
+    ratio = kb.input(ctx.node.inputs[1], ratio_t.dtype, (1,))
+    u = kb.input(draws_name, "f64", (max(n, 1),))
+    dst = kb.output(ctx.node.outputs[0], out_t.dtype, (n,))
+    mask_out = (kb.output(ctx.node.outputs[1], k.BOOL, (n,))
+                if len(ctx.node.outputs) > 1 and ctx.node.outputs[1] is not None else None)
+
+    def in_ratio_dtype(value):  # numpy rounds f16 arithmetic to f16 after each operation
+        return k.cast(value, "f16") if ratio_t.dtype == "f16" else value
+
+    def fill(b: Block, idx: list) -> None:
+        r = b.let(Load(ratio, (Const(0, INDEX),), ratio_t.dtype))
+        rw = _widen(r)
+        one = Const(1.0, rw.dtype)
+        factor = in_ratio_dtype(k.Binary("/", one, _widen(in_ratio_dtype(
+            k.Binary("-", one, rw)))))
+        training = b.let(k.Compare("!=", rw, Const(0.0, rw.dtype)))
+        drawn = k.Compare(">=", Load(u, tuple(idx), "f64"), k.cast(r, "f64"))
+        keep = b.let(k.Select(training, drawn, Const(1, k.BOOL)))
+        v = _widen(Load(src, tuple(idx), x.dtype))
+        masked = k.Binary("*", v, k.Select(keep, Const(1.0, v.dtype), Const(0.0, v.dtype)))
+        y = k.Binary("*", k.cast(masked, compute), k.cast(_widen(factor), compute))
+        if wide == "f16":
+            y = k.cast(y, "f16")
+        y = k.Select(training, k.cast(y, out_t.dtype), Load(src, tuple(idx), x.dtype))
+        b.emit(k.Store(dst, tuple(idx), k.cast(y, out_t.dtype)))
+        if mask_out is not None:
+            b.emit(k.Store(mask_out, tuple(idx), keep))
+
+    bound = kb.build([nest(kb, (n,), fill)] if n else [])
+    return dataclasses.replace(bound, scratch={draws_name: draws if n else np.zeros(1)})
 
 
 @lowering("FusedElementwise")

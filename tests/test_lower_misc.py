@@ -64,6 +64,22 @@ def test_dropout_training_mask_is_bit_identical(shape, ratio, seed):
     _check(g, {"x": RNG.standard_normal(shape).astype(np.float32)}, exact=True)
 
 
+@pytest.mark.parametrize("dtype,ratio_dtype", [("f32", "f32"), ("f64", "f32"), ("f16", "f32"),
+                                               ("f32", "f64")])
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.75])
+def test_dropout_with_a_run_time_ratio_matches_the_reference_bit_for_bit(dtype, ratio_dtype,
+                                                                         ratio):
+    """The draws are compile-time (same seed, same generator); ratio, 1/(1-ratio) and the mask
+    are computed at run time, so one compiled model serves every ratio (0 keeps everything)."""
+    g = graphc.Graph("drop")
+    x = g.input("x", (3, 5, 7), dtype=dtype)
+    r = g.input("ratio", (), dtype=ratio_dtype)
+    g.output(*_node(g, "Dropout", [x, r, np.asarray(True)], {"seed": 7}, n_outputs=2))
+    feeds = {"x": RNG.standard_normal((3, 5, 7)).astype(numpy_dtype(dtype)),
+             "ratio": np.asarray(ratio, numpy_dtype(ratio_dtype))}
+    _check(g, feeds, exact=True)
+
+
 # -- integer Pow ------------------------------------------------------------------------------
 @pytest.mark.parametrize("base,exp", [("i32", "i32"), ("i64", "i64"), ("i32", "i64"),
                                       ("i64", "u8"), ("i32", "f32"), ("i64", "i32")])
