@@ -58,7 +58,7 @@ from .llvm.gemm import (
     EPILOGUE_PARAMS,
     KERNEL_ARGTYPES,
     VEC,
-    VF,
+    VI32,
     VI64,
     VMASK,
     VOID,
@@ -69,7 +69,6 @@ from .llvm.gemm import (
     _define,
     _Emitter,
     _i64,
-    _intrinsic,
     _vconst,
     compile_kernel,
 )
@@ -538,10 +537,16 @@ def lower_winograd_conv(ctx: LowerContext) -> BoundFunction:
     V^T [a*a, C, block], runs the a*a GEMMs U[e]^T @ V^T[e] -> M^T [a*a, K, block]
     single-threaded (the SGEMM kernel with tid 0 of 1; a constant U is transposed at compile
     time), and transforms M^T into the output with the epilogue. Tiles lie along the
-    scratch's rows, so both transforms run 16 tiles to a vector: their NCHW side is a gather
-    or scatter within a few rows of one channel plane, their scratch side contiguous. V and M
-    stay in the thread's L2 between the stages (the staged ops send both through memory: 58 MB
-    each way for VGG-16's 64->64@224)."""
+    scratch's rows, so both transforms run 16 tiles to a vector, walking the block in
+    segments of at most 16 tiles within one tile row: the NCHW side of a segment is then a
+    few contiguous runs per image row (masked loads or stores, and shuffles that deal the
+    columns out to tiles), the scratch side one masked vector access. V and M stay in the
+    thread's L2 between the stages (the staged ops send both through memory: 58 MB each way
+    for VGG-16's 64->64@224). When a block is exactly NR (32) tiles, as there, each V^T[e]
+    ([C, 32] row-major) is byte for byte the pre-packed B layout of the SGEMM kernel (one
+    micro-panel: element (c, t) at c * NR + t), so the kernel's pre-packed variant reads it
+    in place instead of copying it into its workspace (a partial last block leaves columns
+    past N unread garbage, which only feeds C lanes that are never stored)."""
     _check_f32(ctx)
     attrs, node = ctx.attrs, ctx.node
     images, c, height, width = ctx.in_types[0].shape
@@ -571,7 +576,10 @@ def lower_winograd_conv(ctx: LowerContext) -> BoundFunction:
     names = [values[r] for r in roles] + [constants["params"], constants["workspace"], scratch]
     arrays = {constants[key]: constants[f"{key}_array"] for key in ("params", "workspace")}
     arrays.update(extra)
-    gemm = compile_kernel(BLOCKING, EpilogueSpec(trans_a=transposed)).address
+    # a block of exactly NR tiles: V^T[e] (rows of NR floats) already is one packed B panel
+    prepacked = geo.block == BLOCKING.nr
+    gemm = compile_kernel(BLOCKING, EpilogueSpec(prepacked_b=prepacked,
+                                                 trans_a=transposed)).address
 
     def emit(module: ir.Module, symbol: str) -> ir.Function:
         kernel = _WinogradConvEmitter(module, symbol, geo, bt, at, activation, roles)
@@ -582,16 +590,30 @@ def lower_winograd_conv(ctx: LowerContext) -> BoundFunction:
     return BoundFunction(ctx.name, emit, tuple(names), arrays, text)
 
 
-VPF = ir.VectorType(PF, VEC)       # <16 x float*>: the addresses of a gather or scatter
+PREFETCH_PLANES = 1  # the input transform prefetches X this many channels ahead
+
+
+def _shuffle(b: ir.IRBuilder, first, second, lanes: Sequence[int]):
+    """shufflevector of two <16 x float>; a lane of -1 is don't-care (llvmlite has no undef
+    mask lanes, so it keeps the first operand's lane: any value serves a two-input permute)."""
+    mask = ir.Constant(VI32, [lane if source < 0 else source
+                              for lane, source in enumerate(lanes)])
+    return b.shuffle_vector(first, second, mask)
 
 
 class _WinogradConvEmitter:
     """The fused kernel's LLVM code: an entry that walks this thread's blocks, and the two
-    transforms as internal functions over a block's tiles. The transforms run 16 consecutive
-    tiles at a time in ``<16 x float>`` vectors, one channel after another: the scratch side
-    (V^T, M^T: tiles contiguous) is one masked vector access, the NCHW side (X, Y, Z) a masked
-    gather or scatter whose lanes are switched off for tiles past the block, taps on the
-    padding (gathers read zero) and cropped outputs (scatters skip them)."""
+    transforms as internal functions over a block's tiles. The transforms run a segment of up
+    to 16 side-by-side tiles of one tile row at a time in ``<16 x float>`` vectors (lane l:
+    tile j + l), one channel after another. The scratch side (V^T, M^T: tiles contiguous) is
+    one masked vector access. On the NCHW side the segment's tiles read, for each image row,
+    one contiguous run of 16(m + 1) floats: m + 1 masked loads (lanes on the padding or past
+    the image read zero), from which a tree of two-input shuffles picks d[r][q] (lane l:
+    column (j + l)m + q - pad); the output transform interleaves out[u][0..m-1] back into
+    the m contiguous chunks of an output row, masked where they pass the image's edge or
+    the segment. This replaced 16-lane gathers and scatters (one per tap, slow on x86): for
+    VGG-16's 64->64@224 in F(4x4) it took the layer from about 21 to about 10 ms on one
+    thread (36 gathers became 30 masked loads and 96 shuffles per 16 tile-channels)."""
 
     def __init__(self, module: ir.Module, symbol: str, geo: WinogradGeometry, bt, at,
                  activation: str, roles: Sequence[str]):
@@ -604,27 +626,13 @@ class _WinogradConvEmitter:
     def _vi(value: int) -> ir.Constant:
         return ir.Constant(VI64, [value] * VEC)
 
-    def _addresses(self, em: _Emitter, plane, offsets):
-        """<16 x float*>: lane l addresses ``plane + offsets[l]`` (offsets: <16 x i64>)."""
-        b = em.b
-        base = em.splat(b.ptrtoint(plane, I64), VI64)
-        return b.inttoptr(b.add(base, b.mul(offsets, self._vi(4))), VPF)
-
-    def _gather(self, em: _Emitter, addresses, mask):
-        fn = _intrinsic(self.module, "llvm.masked.gather.v16f32.v16p0", VF,
-                        [VPF, I32, VMASK, VF])
-        return em.b.call(fn, [addresses, ir.Constant(I32, 4), mask, _vconst(0.0)])
-
-    def _scatter(self, em: _Emitter, value, addresses, mask) -> None:
-        fn = _intrinsic(self.module, "llvm.masked.scatter.v16f32.v16p0", VOID,
-                        [VF, VPF, I32, VMASK])
-        em.b.call(fn, [value, addresses, ir.Constant(I32, 4), mask])
-
     @staticmethod
     def _dense_map(em: _Emitter, matrix: np.ndarray, values: Sequence) -> list:
         """``out[i] = sum_j matrix[i, j] * values[j]`` on vectors, with the NaN rule of
         ``lower_window.dense_map``: a zero coefficient adds ``x - x`` (+0, or NaN when x is
-        infinite or NaN, as the reference's ``0 * x``)."""
+        infinite or NaN, as the reference's ``0 * x``). A coefficient other than 0 and +-1
+        after the first term is one fused multiply-add (rounded once: within the accuracy
+        bounds of tests/test_winograd_accuracy.py, and fewer instructions)."""
         b = em.b
         differences: dict[int, object] = {}
         out = []
@@ -639,54 +647,133 @@ class _WinogradConvEmitter:
                     term = v
                 elif coefficient == -1:
                     term = b.fneg(v)
+                elif total is not None:   # one fused multiply-add (rounds once, not twice)
+                    total = em.fma(v, _vconst(coefficient), total)
+                    continue
                 else:
                     term = b.fmul(v, _vconst(coefficient))
                 total = term if total is None else b.fadd(total, term)
             out.append(total)
         return out
 
-    def _tiles(self, em: _Emitter, t, t1):
-        """(lanes t + l < t1, image, tile row, tile column) of the 16 tiles from t, as vectors;
-        lanes past t1 get tile 0's position (in range, and masked off)."""
+    # the input side: tile-row segments, their image rows read contiguously
+    @contextmanager
+    def _row_segments(self, em: _Emitter, t0, t1):
+        """Walk the tiles t0 <= t < t1 in segments of at most 16 that stay inside one tile
+        row: yields (t, count, image, tile row, first tile column) as i64 scalars. Because a
+        segment's tiles sit side by side, each image row they read is one contiguous run."""
         b, (th, tw) = em.b, self.geo.tiles
-        flat = b.add(em.splat(t, VI64), ir.Constant(VI64, list(range(VEC))))
-        live = b.icmp_signed("<", flat, em.splat(t1, VI64))
-        flat = b.select(live, flat, self._vi(0))
-        image = b.udiv(flat, self._vi(th * tw))
-        rest = b.urem(flat, self._vi(th * tw))
-        return live, image, b.udiv(rest, self._vi(tw)), b.urem(rest, self._vi(tw))
+        pre = b.block
+        head = b.append_basic_block("seg.head")
+        body = b.append_basic_block("seg.body")
+        done = b.append_basic_block("seg.done")
+        b.branch(head)
+        b.position_at_end(head)
+        t = b.phi(I64, name="seg.t")
+        t.add_incoming(t0, pre)
+        b.cbranch(b.icmp_signed("<", t, t1), body, done)
+        b.position_at_end(body)
+        image = b.udiv(t, _i64(th * tw))
+        rest = b.urem(t, _i64(th * tw))
+        i, j = b.udiv(rest, _i64(tw)), b.urem(rest, _i64(tw))
+        count = em.min(em.min(_i64(VEC), b.sub(t1, t)), b.sub(_i64(tw), j))
+        yield t, count, image, i, j
+        t.add_incoming(em.add(t, count), b.block)
+        b.branch(head)
+        b.position_at_end(done)
 
-    def _coords(self, em: _Emitter, tile, shift: int, size: int):
-        """(coordinate clamped into range, inside [0, size)) of ``tile * m + shift``."""
+    def _row_chunks(self, em: _Emitter, i, j):
+        """For each of the a image rows under a segment: (offset of its first column within
+        a channel plane, the m + 1 lane masks of the 16-float chunks from there). Chunk k,
+        lane l holds column j*m - pad + 16k + l; lanes off the image (padding, rows past
+        the edge) are masked off and read as zero."""
+        geo, b = self.geo, em.b
+        col0 = b.sub(em.mul(j, _i64(geo.m)), _i64(geo.pads[1]))
+        rows = []
+        for r in range(geo.alpha):
+            row = b.add(em.mul(i, _i64(geo.m)), _i64(r - geo.pads[0]))
+            row_ok = b.and_(b.icmp_signed(">=", row, _i64(0)),
+                            b.icmp_signed("<", row, _i64(geo.height)))
+            start = b.add(em.mul(b.select(row_ok, row, _i64(0)), _i64(geo.width)), col0)
+            masks = []
+            for k in range(geo.m + 1):
+                cols = b.add(em.splat(b.add(col0, _i64(VEC * k)), VI64),
+                             ir.Constant(VI64, list(range(VEC))))
+                inside = b.and_(b.icmp_signed(">=", cols, self._vi(0)),
+                                b.icmp_signed("<", cols, self._vi(geo.width)))
+                masks.append(b.and_(inside, em.splat(row_ok, VMASK)))
+            rows.append((start, masks))
+        return rows
+
+    @staticmethod
+    def _pick_lanes(em: _Emitter, chunks: Sequence, sources: Sequence[int]):
+        """The vector whose lane l is element sources[l] of the chunks laid end to end,
+        built as a tree of two-input shuffles (each one vpermt2ps or a blend): pairs of
+        chunks first, then merges of the partial vectors (lanes nobody provides: don't-care)."""
         b = em.b
-        coord = b.add(b.mul(tile, self._vi(self.geo.m)), self._vi(shift))
-        inside = b.and_(b.icmp_signed(">=", coord, self._vi(0)),
-                        b.icmp_signed("<", coord, self._vi(size)))
-        return b.select(inside, coord, self._vi(0)), inside
+        anything = -1
+
+        def build(lo: int, hi: int):
+            """(vector or None, lanes it provides) for chunks lo..hi-1."""
+            wanted = [l for l, src in enumerate(sources) if lo * VEC <= src < hi * VEC]
+            if not wanted:
+                return None, []
+            if hi - lo <= 2:
+                second = chunks[lo + 1] if hi - lo == 2 else chunks[lo]
+                mask = [anything] * VEC
+                for lane in wanted:
+                    mask[lane] = sources[lane] - lo * VEC
+                return _shuffle(b, chunks[lo], second, mask), wanted
+            mid = lo + 2 * -(-(hi - lo) // 4)     # whole pairs on the left
+            left, left_lanes = build(lo, mid)
+            right, right_lanes = build(mid, hi)
+            if left is None or right is None:
+                return (left, left_lanes) if right is None else (right, right_lanes)
+            mask = [anything] * VEC
+            for lane in left_lanes:
+                mask[lane] = lane
+            for lane in right_lanes:
+                mask[lane] = VEC + lane
+            return _shuffle(b, left, right, mask), left_lanes + right_lanes
+
+        return build(0, len(chunks))[0]
+
+    def _prefetch_ahead(self, em: _Emitter, first, plane_floats: int) -> None:
+        """Fetch this row's run PREFETCH_PLANES channel planes ahead: the channel loop jumps a
+        whole plane per step, a stride the hardware prefetchers do not follow (prefetches
+        never fault, so runs past the end of X are harmless)."""
+        ahead = em.b.gep(first, [_i64(PREFETCH_PLANES * plane_floats)])
+        for line in range(self.geo.m + 2):   # the run's 16(m + 1) floats span m + 2 lines
+            em.prefetch(em.b.gep(ahead, [_i64(min(VEC * line, VEC * (self.geo.m + 1) - 1))]),
+                        write=False)
 
     # the transforms
     def input_transform(self) -> ir.Function:
-        """V^T[e, c, t - t0] = (B^T d B)[e] for the tiles t0 <= t < t1 of X."""
-        geo, a = self.geo, self.geo.alpha
+        """V^T[e, c, t - t0] = (B^T d B)[e] for the tiles t0 <= t < t1 of X, one tile-row
+        segment of up to 16 tiles at a time: per channel and image row, m + 1 masked
+        contiguous loads, from which shuffles pick d[r][q] (lane l: column (j + l)*m + q - pad)."""
+        geo, a, m = self.geo, self.geo.alpha, self.geo.m
         fn = _define(self.module, f"{self.symbol}.input", VOID,
                      [("x", PF), ("v", PF), ("t0", I64), ("t1", I64)])
         x, v, t0, t1 = fn.args
         em = _Emitter(self.module, fn)
         b = em.b
         hw = geo.height * geo.width
-        with em.loop(t0, t1, _i64(VEC), "t") as t:
-            live, image, i, j = self._tiles(em, t, t1)
-            rows = [self._coords(em, i, r - geo.pads[0], geo.height) for r in range(a)]
-            cols = [self._coords(em, j, q - geo.pads[1], geo.width) for q in range(a)]
-            start = b.mul(image, self._vi(geo.c * hw))
-            offsets = [[b.add(start, b.add(b.mul(r, self._vi(geo.width)), q)) for q, _ in cols]
-                       for r, _ in rows]
-            masks = [[b.and_(live, b.and_(ok_r, ok_q)) for _, ok_q in cols] for _, ok_r in rows]
+        with self._row_segments(em, t0, t1) as (t, count, image, i, j):
+            live = em.lane_mask(count, 0)
+            rows = self._row_chunks(em, i, j)
+            image_x = b.gep(x, [em.mul(image, _i64(geo.c * hw))])
             at = b.sub(t, t0)
             with em.loop(_i64(0), _i64(geo.c), _i64(1), "c") as c:
-                plane = em.gep(x, em.mul(c, _i64(hw)))
-                d = [[self._gather(em, self._addresses(em, plane, offsets[r][q]), masks[r][q])
-                      for q in range(a)] for r in range(a)]
+                plane = b.gep(image_x, [em.mul(c, _i64(hw))])
+                d = []
+                for start, masks in rows:
+                    first = b.gep(plane, [start])     # may lie left of the plane: not inbounds
+                    self._prefetch_ahead(em, first, hw)
+                    chunks = [em.masked_load(b.gep(first, [_i64(VEC * k)]), mask)
+                              for k, mask in enumerate(masks)]
+                    d.append([self._pick_lanes(em, chunks, [m * lane + q for lane in range(VEC)])
+                              for q in range(a)])
                 rows_t = [self._dense_map(em, self.bt, row) for row in d]          # d B
                 vt = [self._dense_map(em, self.bt, [row[nu] for row in rows_t])   # B^T (d B)
                       for nu in range(a)]
@@ -700,7 +787,10 @@ class _WinogradConvEmitter:
 
     def output_transform(self) -> ir.Function:
         """Y[n, k, i*m + u, j*m + v] = act((A^T M A)[u, v] + bias[k] + Z[...]) for the tiles
-        t0 <= t < t1 (M^T[e, k, t - t0]); positions past the output's edge are not stored."""
+        t0 <= t < t1 (M^T[e, k, t - t0]), one tile-row segment at a time: shuffles interleave
+        out[u][0..m-1] (lane l: tile j + l) into the m contiguous 16-float chunks of output row
+        i*m + u, which get the epilogue and a masked store (positions past the output's edge
+        or the segment are not stored)."""
         geo, a, m = self.geo, self.geo.alpha, self.geo.m
         epilogue_roles = [r for r in self.roles if r in ("bias", "z")]
         fn = _define(self.module, f"{self.symbol}.output", VOID,
@@ -713,14 +803,13 @@ class _WinogradConvEmitter:
         act_params = [em.splat(b.load(em.gep(params, _i64(i)), align=4))
                       for i in range(len(EPILOGUE_PARAMS.get(self.activation, ())))]
         hw = geo.out_h * geo.out_w
-        with em.loop(t0, t1, _i64(VEC), "t") as t:
-            live, image, i, j = self._tiles(em, t, t1)
-            rows = [self._coords(em, i, u, geo.out_h) for u in range(m)]
-            cols = [self._coords(em, j, v, geo.out_w) for v in range(m)]
-            start = b.mul(image, self._vi(geo.k * hw))
-            offsets = [[b.add(start, b.add(b.mul(r, self._vi(geo.out_w)), q)) for q, _ in cols]
-                       for r, _ in rows]
-            masks = [[b.and_(live, b.and_(ok_r, ok_q)) for _, ok_q in cols] for _, ok_r in rows]
+        # chunk c, lane p of an output row holds out[u][v] of tile l: 16c + p = m*l + v
+        sources = [[(p % m) * VEC + p // m for p in range(c * VEC, (c + 1) * VEC)]
+                   for c in range(m)]
+        with self._row_segments(em, t0, t1) as (t, count, image, i, j):
+            live = em.lane_mask(count, 0)
+            rows = self._output_rows(em, count, i, j)
+            image_at = em.mul(image, _i64(geo.k * hw))
             at = b.sub(t, t0)
             with em.loop(_i64(0), _i64(geo.k), _i64(1), "k") as k:
                 row_at = em.add(em.mul(k, _i64(geo.block)), at)
@@ -733,26 +822,46 @@ class _WinogradConvEmitter:
                        for u in range(m)]
                 bias = (em.splat(b.load(em.gep(ptr["bias"], k), align=4))
                         if "bias" in ptr else None)
-                plane_at = em.mul(k, _i64(hw))
-                for u in range(m):
-                    for v in range(m):
-                        self._store_output(em, out[u][v], bias, ptr, em.gep(y, plane_at),
-                                           plane_at, offsets[u][v], masks[u][v], act_params)
+                plane_at = em.add(image_at, em.mul(k, _i64(hw)))
+                for u, (start, masks) in enumerate(rows):
+                    for c, mask in enumerate(masks):
+                        value = self._pick_lanes(em, out[u], sources[c])
+                        where = b.add(plane_at, b.add(start, _i64(c * VEC)))
+                        self._store_output(em, value, bias, ptr, y, where, mask, act_params)
         b.ret_void()
         return fn
 
-    def _store_output(self, em: _Emitter, value, bias, ptr, plane, plane_at, offsets, mask,
-                      act_params) -> None:
+    def _output_rows(self, em: _Emitter, count, i, j):
+        """For each of the m output rows of a segment: (offset of its first column within a
+        channel plane, the m lane masks of its 16-float chunks): columns inside the output
+        and the segment's count tiles, rows inside the output."""
+        geo, b, m = self.geo, em.b, self.geo.m
+        col0 = em.mul(j, _i64(m))
+        width = em.min(_i64(geo.out_w), b.add(col0, em.mul(count, _i64(m))))
+        rows = []
+        for u in range(m):
+            row = b.add(em.mul(i, _i64(m)), _i64(u))
+            row_ok = b.icmp_signed("<", row, _i64(geo.out_h))
+            start = b.add(em.mul(b.select(row_ok, row, _i64(0)), _i64(geo.out_w)), col0)
+            masks = []
+            for c in range(m):
+                cols = b.add(em.splat(b.add(col0, _i64(VEC * c)), VI64),
+                             ir.Constant(VI64, list(range(VEC))))
+                inside = b.icmp_signed("<", cols, em.splat(width, VI64))
+                masks.append(b.and_(inside, em.splat(row_ok, VMASK)))
+            rows.append((start, masks))
+        return rows
+
+    def _store_output(self, em: _Emitter, value, bias, ptr, y, where, mask, act_params) -> None:
         """activation(value + bias + residual), in ``ops/epilogue.apply_epilogue``'s order,
-        scattered to the 16 tiles' output positions."""
+        stored to the 16 contiguous output positions from ``y + where`` that ``mask`` keeps."""
         b = em.b
         if bias is not None:
             value = b.fadd(value, bias)
         if "z" in ptr:
-            z_plane = em.gep(ptr["z"], plane_at)
-            value = b.fadd(value, self._gather(em, self._addresses(em, z_plane, offsets), mask))
+            value = b.fadd(value, em.masked_load(b.gep(ptr["z"], [where]), mask))
         value = VectorMath(em).activation(self.activation, value, act_params)
-        self._scatter(em, value, self._addresses(em, plane, offsets), mask)
+        em.masked_store(value, b.gep(y, [where]), mask)
 
     # the entry
     def entry(self, gemm_address: int, trans_a: bool, slots: int) -> ir.Function:

@@ -82,6 +82,48 @@ def test_blocks_cover_every_tile(always_fuse, monkeypatch):
     np.testing.assert_allclose(got, graphc.interpret(g, feeds)[0], rtol=1e-4, atol=2e-4)
 
 
+WIDE_CASES = [  # n, c, k, h, w, pads, bias, residual, activation: tile rows of 19..65 tiles
+    (2, 3, 5, 7, 75, [1, 2, 0, 1], True, True, "relu"),
+    (1, 4, 6, 10, 130, [0, 0, 2, 2], False, False, ""),
+]
+
+
+@pytest.mark.parametrize("case", WIDE_CASES)
+@pytest.mark.parametrize("conv", ["winograd-f4", "winograd-f2"])
+@pytest.mark.parametrize("small_blocks", [False, True])
+def test_wide_rows_take_several_segments(always_fuse, monkeypatch, case, conv, small_blocks):
+    """Tile rows longer than 16 tiles: the transforms walk them in segments of 16 and a
+    partial one, reading and writing contiguous image rows whose runs pass the right edge
+    and start on the left padding; with blocks of 16 tiles, blocks (and so segments) also
+    start and end in the middle of tile rows."""
+    if small_blocks:
+        monkeypatch.setattr(lower_gemm, "WINOGRAD_BLOCK_FLOATS", 1)
+    # other weights per block size: code is cached by the graph's content, and the block
+    # size is not part of it, so the same graph would reuse the other block size's code
+    g, feeds = _conv_graph(*case, np.random.default_rng(sum(case[:5]) + 7 * small_blocks))
+    want = graphc.interpret(g, feeds)[0]
+    for threads in (1, 2):
+        got = graphc.compile(g, target="cpu", threads=threads, conv=conv).run(feeds)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4 if conv.endswith("4")
+                                   else 2e-5)
+
+
+@pytest.mark.parametrize("conv, alpha", [("winograd-f4", 6), ("winograd-f2", 4)])
+def test_blocks_of_nr_tiles_read_v_in_place(always_fuse, monkeypatch, conv, alpha):
+    """Blocks of exactly NR = 32 tiles (as VGG-16's 64->64@224 gets): the GEMMs read V^T as
+    a pre-packed B; 2 x 5 x 12 = 120 tiles make the last block partial (24 tiles)."""
+    c, k, nr = 5, 7, lower_gemm.BLOCKING.nr
+    monkeypatch.setattr(lower_gemm, "WINOGRAD_BLOCK_FLOATS", nr * alpha ** 2 * (c + k))
+    tiles = 2 * 5 * 12 if alpha == 6 else 2 * 10 * 23
+    assert lower_gemm.winograd_block_tiles(alpha ** 2, c, k, tiles) == nr
+    g, feeds = _conv_graph(2, c, k, 19, 45, [1, 1, 1, 1], True, True, "relu",
+                           np.random.default_rng(alpha))
+    want = graphc.interpret(g, feeds)[0]
+    for threads in (1, 2):
+        got = graphc.compile(g, target="cpu", threads=threads, conv=conv).run(feeds)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4 if alpha == 6 else 2e-5)
+
+
 def test_nan_and_infinity_spread_as_in_the_staged_reference(always_fuse):
     """A NaN or infinite input poisons every output of the tiles that read it (not just its
     3x3 neighbourhood, as a direct conv would), exactly as the staged references do."""
