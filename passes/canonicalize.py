@@ -20,7 +20,11 @@ Rules (``RULES``, keyed by the op they match at; each returns True when it rewro
 * Reshape, Flatten, Squeeze, Unsqueeze to the input's own type -> removed; one of them applied to
   another -> one ``Reshape``; ``Flatten`` with a static result -> ``Reshape``;
 * ``Transpose`` with the identity perm -> removed; ``Transpose(Transpose(x, p), q)`` ->
-  ``Transpose(x, p[q])`` (removed when that is the identity).
+  ``Transpose(x, p[q])`` (removed when that is the identity);
+* ``Gemm {alpha != 1}`` with neither A nor B constant -> ``Gemm(Mul(A, alpha), B, ...)``
+  (the smaller operand is scaled): a backend folds alpha into a constant operand when there is
+  one; without one, the scaling is an explicit elementwise op (the rounding of the product
+  changes as by that folding, well within float32 tolerances).
 
 Graph outputs keep their names: a removed node whose value is a graph output becomes
 ``Identity(source)`` (and such Identities stay). Rewritten nodes keep their name and position;
@@ -176,7 +180,24 @@ def merge_transposes(g: Graph, node: Node, options: PassOptions) -> bool:
     return retarget(g, node, "Transpose", (inner.inputs[0],), {"perm": composed})
 
 
+def scale_run_time_gemm_operand(g: Graph, node: Node, options: PassOptions) -> bool:
+    """Gemm(A, B, C) {alpha} with run-time A and B -> Gemm(Mul(X, alpha), ...) {alpha=1}, X the
+    operand with fewer elements."""
+    alpha = node.attrs.get("alpha", 1.0)
+    a, b = node.inputs[:2]
+    if alpha == 1 or g.constant_value(a) is not None or g.constant_value(b) is not None:
+        return False
+    ta, tb = g.type_of(a), g.type_of(b)
+    side = 1 if tb.is_static and (not ta.is_static or tb.numel < ta.numel) else 0
+    scale = g.add_constant(np.asarray(alpha, dtype=ta.np_dtype), name=f"{node.name}_alpha")
+    (scaled,) = g.add_node("Mul", (node.inputs[side], scale), {}, name=f"{node.name}_scaled")
+    inputs = list(node.inputs)
+    inputs[side] = scaled
+    return retarget(g, node, "Gemm", tuple(inputs), {**node.attrs, "alpha": 1.0})
+
+
 RULES: dict[str, tuple[Rule, ...]] = {
+    "Gemm": (scale_run_time_gemm_operand,),
     "Add": (matmul_add_to_gemm,),
     "Dropout": (drop_inference_dropout,),
     "Identity": (drop_identity,),

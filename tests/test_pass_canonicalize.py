@@ -178,3 +178,29 @@ def test_canonicalize_through_the_manager_on_a_small_mlp_with_dropout():
     out = _canon(g)
     assert _ops(out) == ["Gemm", "Relu", "Gemm"]  # Sum -> Add -> Gemm
     assert_same_outputs(g, out, rtol=1e-6, atol=1e-6, seed=RNG)
+
+
+@pytest.mark.parametrize("shapes,trans", [(((5, 3), (3, 7)), {}), (((3, 5), (7, 3)),
+                                                                  {"transA": 1, "transB": 1})])
+def test_gemm_alpha_with_run_time_operands_becomes_an_explicit_scale(shapes, trans):
+    g = graphc.Graph("gemm_alpha")
+    a = g.input("a", shapes[0])
+    b = g.input("b", shapes[1])
+    g.output(ops.gemm(a, b, np.ones(7, np.float32), alpha=0.25, beta=2.0, **trans))
+    out = _canon(g)
+    gemm = next(n for n in out if n.op == "Gemm")
+    assert gemm.attrs["alpha"] == 1.0 and gemm.attrs["beta"] == 2.0
+    assert "Mul" in _ops(out)
+    assert_same_outputs(g, out, rtol=1e-6, atol=1e-6)  # alpha now scales an operand
+    feeds = {"a": np.random.default_rng(0).standard_normal(shapes[0]).astype(np.float32),
+             "b": np.random.default_rng(1).standard_normal(shapes[1]).astype(np.float32)}
+    (got,) = graphc.compile(g, target="cpu", cache=False).run(feeds)
+    np.testing.assert_allclose(got, graphc.interpret(g, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_alpha_stays_when_an_operand_is_constant():
+    g = graphc.Graph("gemm_alpha_const")
+    a = g.input("a", (4, 3))
+    g.output(ops.gemm(a, np.ones((3, 2), np.float32), alpha=0.5))
+    gemm = next(n for n in _canon(g) if n.op == "Gemm")
+    assert gemm.attrs["alpha"] == 0.5
