@@ -7,7 +7,7 @@ Values are freed after their last use so that large models (VGG-19 at 224x224) f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -15,6 +15,19 @@ from .errors import FeedError, GraphcError
 from .ir import CONSTANT_OPS, INPUT, Graph
 from .ops import registry
 from .types import TensorType, dtype_name
+
+
+def bind_dims(symbols: Sequence[str], dims: Mapping[str, int], known: Sequence[dict]) -> dict:
+    """A value for each symbolic dim in ``symbols`` (those of a graph's inputs), from ``dims``;
+    a backend that has specialised for one binding only (``known``) may be asked without dims
+    (e.g. to print its code) and answers with that binding."""
+    missing = [d for d in symbols if d not in dims]
+    if missing and len(known) == 1:
+        return dict(known[0])
+    if missing:
+        raise FeedError(f"symbolic dims {', '.join(sorted(set(missing)))} need values to "
+                        f"generate code (e.g. dims={{'{missing[0]}': 1}})")
+    return {d: int(dims[d]) for d in symbols}
 
 
 def check_feeds(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphc.errors import FeedError, GraphcError
-from graphc.interp import check_feeds
+from graphc.interp import bind_dims, check_feeds
 from graphc.ir import CONSTANT_OPS, INPUT, Graph
 
 from ..lower import BoundKernel, LoweringError, lower_node
@@ -190,13 +190,9 @@ class CudaModel:
 
     # -- running ----------------------------------------------------------------------------------
     def check_dims(self, dims: Mapping[str, int]) -> dict:
-        missing = [d for d in self._symbols if d not in dims]
-        if missing and len(self._specs) == 1:
-            return dict(next(iter(self._specs.values())).dims)
-        if missing:
-            raise FeedError(f"symbolic dims {', '.join(sorted(set(missing)))} need values to "
-                            f"generate code (e.g. dims={{'{missing[0]}': 1}})")
-        return {d: int(dims[d]) for d in self._symbols}
+        """``dims`` for every symbolic dim of the inputs (a single-specialisation model may omit
+        them: its one binding is used)."""
+        return bind_dims(self._symbols, dims, [s.dims for s in self._specs.values()])
 
     def run(self, feeds: Mapping[str, object], into: Mapping[str, np.ndarray] | None = None,
             device_outputs: bool = False) -> list:

@@ -30,7 +30,7 @@ from llvmlite import ir
 from backends.lower import BoundFunction, RunCheck, lower_node
 from backends.memory_plan import MemoryPlan, plan_memory
 from graphc.errors import FeedError
-from graphc.interp import check_feeds
+from graphc.interp import bind_dims, check_feeds
 from graphc.ir import CONSTANT_OPS, INPUT, Graph
 from graphc.types import TensorType
 
@@ -341,13 +341,7 @@ class CpuModel:
     def check_dims(self, dims: Mapping[str, int]) -> dict:
         """``dims`` for every symbolic dim of the inputs (a single-specialisation model may omit
         them: its one binding is used)."""
-        missing = [d for d in self._symbols if d not in dims]
-        if missing and len(self._specs) == 1:
-            return dict(next(iter(self._specs.values())).dims)
-        if missing:
-            raise FeedError(f"symbolic dims {', '.join(sorted(set(missing)))} need values to "
-                            f"generate code (e.g. dims={{'{missing[0]}': 1}})")
-        return {d: int(dims[d]) for d in self._symbols}
+        return bind_dims(self._symbols, dims, [s.dims for s in self._specs.values()])
 
     def _dims_of(self, feeds: dict) -> dict:
         dims: dict = {}
