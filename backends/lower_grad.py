@@ -98,7 +98,7 @@ def lower_max_pool_grad(ctx: LowerContext) -> BoundKernel:
     x = kb.input(ctx.node.inputs[1], x_t.dtype, (planes, *spatial))
     dx = kb.output(ctx.node.outputs[0], x_t.dtype, (planes, *spatial))
     taps = list(itertools.product(*[range(a.kernel) for a in axes]))
-    lowest, zero = lw._lowest(x_t.dtype), Const(0.0, x_t.dtype)
+    zero = Const(0.0, x_t.dtype)
     if all(a.dilation == 1 and a.stride >= a.kernel for a in axes):
         scan = _one_window_fill(axes, x, dy, dx, x_t.dtype, dy_t.dtype, taps, spatial)
         return kb.build([nest(kb, (planes, *spatial), scan)])
@@ -111,7 +111,7 @@ def lower_max_pool_grad(ctx: LowerContext) -> BoundKernel:
             if window is None:
                 continue
             valid, o = window
-            mine = _is_first_max(b, axes, x, x_t.dtype, plane, o, tap, taps, spatial, lowest)
+            mine = _is_first_max(b, axes, x, x_t.dtype, plane, o, tap, taps, spatial)
             grad = b.let(Load(dy, (plane, *o), dy_t.dtype))
             term = k.select(valid, k.Binary("*", grad, mine), zero)
             total = b.let(term if total is zero else k.Binary("+", total, term))
@@ -126,7 +126,7 @@ def _one_window_fill(axes, x: str, dy: str, dx: str, dtype: str, dy_dtype: str, 
     element lies in at most one window, ``o = (i + pad) // stride`` at tap ``(i + pad) %
     stride``, so it scans that one window (kernel^2 loads, not kernel^4) for the first maximum
     and takes dY there when the winner is itself."""
-    lowest, zero = lw._lowest(dtype), Const(0.0, dtype)
+    zero = Const(0.0, dtype)
 
     def fill(b: Block, idx: list) -> None:
         plane, pos = idx[0], idx[1:]
@@ -140,20 +140,14 @@ def _one_window_fill(axes, x: str, dy: str, dx: str, dtype: str, dy_dtype: str, 
             valid = b.index(k.logical_and(valid, inside))
             window.append(b.index(k.minimum(o, _i(a.out - 1))))  # in range for the loads
             own_tap.append(t)
-        best, mine = lowest, Const(0, k.BOOL)
-        for tap in taps:
-            coords = [a.coord(w, _i(t)) for a, w, t in zip(axes, window, tap)]
-            v = lw.window_load(b, x, dtype, (plane,), coords, spatial, lowest)
-            if v is None:
-                continue  # padding never wins
-            v = b.let(v)
-            nan_first = k.logical_and(k.compare("!=", v, v), k.compare("==", best, best))
-            take = b.let(k.Binary("|", k.compare(">", v, best), nan_first))
-            is_own = Const(1, k.BOOL)
+        def is_own(tap):
+            same = Const(1, k.BOOL)
             for t_own, t in zip(own_tap, tap):
-                is_own = k.logical_and(is_own, k.compare("==", t_own, _i(t)))
-            mine = b.let(k.select(take, b.index(is_own), mine))
-            best = b.let(k.select(take, v, best))
+                same = k.logical_and(same, k.compare("==", t_own, _i(t)))
+            return b.index(same)
+
+        mine = _winner_flag(b, axes, x, dtype, plane, window, taps, spatial, is_own,
+                            Const(0, k.BOOL))
         grad = b.let(Load(dy, (plane, *window), dy_dtype))
         b.emit(k.Store(dx, tuple(idx), k.select(k.logical_and(valid, mine), grad, zero)))
 
@@ -183,19 +177,29 @@ def _window_of(b: Block, axes, pos, tap):
     return valid, window
 
 
-def _is_first_max(b: Block, axes, x: str, dtype: str, plane, o, tap, taps, spatial, lowest):
+def _is_first_max(b: Block, axes, x: str, dtype: str, plane, o, tap, taps, spatial):
     """1 if tap ``tap`` is the first maximum of window ``o`` (MaxPool's argmax), else 0."""
-    best, mine = lowest, Const(0.0, dtype)
-    for other in taps:
-        coords = [a.coord(w, _i(t)) for a, w, t in zip(axes, o, other)]
+    return _winner_flag(b, axes, x, dtype, plane, o, taps, spatial,
+                        lambda other: Const(1.0 if other == tap else 0.0, dtype),
+                        Const(0.0, dtype))
+
+
+def _winner_flag(b: Block, axes, x: str, dtype: str, plane, window, taps, spatial, flag_of,
+                 unset):
+    """Scan the taps of ``window`` in MaxPool's argmax order -- a tap wins if it is greater, or
+    NaN while the best so far is not -- and return ``flag_of(winning tap)`` (``unset`` when
+    every tap lies in the padding, which never wins)."""
+    lowest = lw._lowest(dtype)
+    best, mine = lowest, unset
+    for tap in taps:
+        coords = [a.coord(w, _i(t)) for a, w, t in zip(axes, window, tap)]
         v = lw.window_load(b, x, dtype, (plane,), coords, spatial, lowest)
         if v is None:
-            continue  # padding never wins
+            continue
         v = b.let(v)
         nan_first = k.logical_and(k.compare("!=", v, v), k.compare("==", best, best))
         take = b.let(k.Binary("|", k.compare(">", v, best), nan_first))
-        flag = Const(1.0 if other == tap else 0.0, dtype)
-        mine = b.let(k.select(take, flag, mine))
+        mine = b.let(k.select(take, flag_of(tap), mine))
         best = b.let(k.select(take, v, best))
     return mine
 
